@@ -1,0 +1,232 @@
+"""Noise schedules as immutable pytrees.
+
+A discrete schedule has ``T`` steps indexed ``t = 0 .. T-1`` (``t = 0`` is the first
+noising step, the paper's ``t = 1``). Every coefficient is computed once in float64 NumPy
+and cast to float32, following Ho et al. 2020 (DDPM) and Nichol & Dhariwal 2021
+(improved DDPM). Continuous-time schedules are functions of ``t in [0, 1]`` returning the
+log signal-to-noise ratio ``lambda(t) = log(alpha^2 / sigma^2)`` (Kingma et al. 2021, VDM).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Schedule",
+    "linear",
+    "cosine",
+    "from_betas",
+    "from_alphas_cumprod",
+    "respace",
+    "space_timesteps",
+    "vp_linear_log_snr",
+    "cosine_log_snr",
+    "alpha_sigma_from_log_snr",
+    "from_log_snr",
+    "get",
+]
+
+
+@flax.struct.dataclass
+class Schedule:
+    """Coefficients of a discrete Gaussian diffusion, each a float32 array of shape [T].
+
+    ``timesteps`` ([T] int32) maps an index of this schedule to the timestep of the
+    schedule the network was trained on: the identity for a fresh schedule, the kept
+    timesteps for a respaced one. Samplers call ``model_fn(x_t, schedule.timesteps[i])``.
+    """
+
+    betas: jax.Array
+    alphas_cumprod: jax.Array
+    alphas_cumprod_prev: jax.Array
+    sqrt_alphas_cumprod: jax.Array
+    sqrt_one_minus_alphas_cumprod: jax.Array
+    log_one_minus_alphas_cumprod: jax.Array
+    sqrt_recip_alphas_cumprod: jax.Array
+    sqrt_recipm1_alphas_cumprod: jax.Array
+    posterior_variance: jax.Array
+    posterior_log_variance_clipped: jax.Array
+    posterior_mean_coef1: jax.Array
+    posterior_mean_coef2: jax.Array
+    timesteps: jax.Array
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.betas.shape[-1])
+
+
+def _check_betas(betas: np.ndarray) -> None:
+    if betas.ndim != 1 or betas.size == 0:
+        raise ValueError(f"betas: expected a non-empty 1-D array, got shape {betas.shape}")
+    if not np.all(np.isfinite(betas)) or np.any(betas <= 0) or np.any(betas > 1):
+        bad = betas[~((betas > 0) & (betas <= 1))]
+        raise ValueError(f"betas: expected every value in (0, 1], got {bad[:5]} (first offending values)")
+
+
+def from_betas(betas: Sequence[float] | np.ndarray, timesteps: Sequence[int] | np.ndarray | None = None) -> Schedule:
+    """Build a :class:`Schedule` from betas (Ho et al. 2020, eqs. 4, 6, 7).
+
+    alphas_cumprod[t] = prod_{s<=t} (1 - betas[s]); the posterior q(x_{t-1} | x_t, x_0)
+    has variance beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t) and mean
+    coef1 * x_0 + coef2 * x_t with coef1 = beta_t sqrt(abar_{t-1}) / (1 - abar_t),
+    coef2 = (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t). The log-variance is clipped at
+    t = 0 (where beta_tilde is 0) by using beta_tilde_1, as the reference code does.
+
+    Args:
+      betas: [T] noise variances in (0, 1].
+      timesteps: [T] the trained-model timestep of each index (default: 0..T-1).
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    _check_betas(betas)
+    T = betas.shape[0]
+    if timesteps is None:
+        timesteps = np.arange(T)
+    timesteps = np.asarray(timesteps)
+    if timesteps.shape != (T,):
+        raise ValueError(f"timesteps: expected shape ({T},) to match betas, got {timesteps.shape}")
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    # beta_tilde_0 = 0; the log is clipped with beta_tilde_1 (T == 1 has nothing better).
+    post_logvar = np.log(np.append(post_var[1], post_var[1:]) if T > 1 else np.maximum(post_var, 1e-20))
+    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+    return Schedule(
+        betas=f32(betas),
+        alphas_cumprod=f32(ac),
+        alphas_cumprod_prev=f32(ac_prev),
+        sqrt_alphas_cumprod=f32(np.sqrt(ac)),
+        sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ac)),
+        log_one_minus_alphas_cumprod=f32(np.log(1.0 - ac)),
+        sqrt_recip_alphas_cumprod=f32(np.sqrt(1.0 / ac)),
+        sqrt_recipm1_alphas_cumprod=f32(np.sqrt(1.0 / ac - 1.0)),
+        posterior_variance=f32(post_var),
+        posterior_log_variance_clipped=f32(post_logvar),
+        posterior_mean_coef1=f32(betas * np.sqrt(ac_prev) / (1.0 - ac)),
+        posterior_mean_coef2=f32((1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)),
+        timesteps=jnp.asarray(timesteps, dtype=jnp.int32),
+    )
+
+
+def from_alphas_cumprod(alphas_cumprod: np.ndarray, max_beta: float = 0.999, timesteps=None) -> Schedule:
+    """Schedule whose cumulative products are ``alphas_cumprod`` ([T], decreasing in (0, 1)).
+
+    beta_t = 1 - abar_t / abar_{t-1} (abar_{-1} = 1), clipped at ``max_beta``
+    (Nichol & Dhariwal 2021, sec. 3.2).
+    """
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    if ac.ndim != 1 or np.any(ac <= 0) or np.any(ac >= 1) or np.any(np.diff(ac) > 0):
+        raise ValueError("alphas_cumprod: expected a 1-D non-increasing array in (0, 1)")
+    betas = 1.0 - ac / np.append(1.0, ac[:-1])
+    return from_betas(np.minimum(betas, max_beta), timesteps)
+
+
+def _check_num_timesteps(num_timesteps) -> None:
+    if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps: expected a positive int, got {num_timesteps!r}")
+
+
+def linear(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Schedule:
+    """DDPM linear schedule (Ho et al. 2020, sec. 4): betas = linspace(beta_start, beta_end, T).
+
+    The defaults are the paper's values for T = 1000; for small T pass a larger
+    ``beta_end`` so that alphas_cumprod[T-1] is near 0 (check ``alphas_cumprod[-1]``).
+    """
+    _check_num_timesteps(num_timesteps)
+    if not 0 < beta_start <= beta_end < 1:
+        raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    return from_betas(np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64))
+
+
+def cosine(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17): abar(t) = f(t)/f(0),
+    f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), betas clipped at ``max_beta``."""
+    _check_num_timesteps(num_timesteps)
+    if s < 0:
+        raise ValueError(f"s: expected a non-negative offset, got {s}")
+    f = lambda u: np.cos((u + s) / (1.0 + s) * math.pi / 2) ** 2  # noqa: E731
+    u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    betas = 1.0 - f(u[1:]) / f(u[:-1])
+    return from_betas(np.minimum(betas, max_beta))
+
+
+def space_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """``steps`` timesteps of 0..num_timesteps-1, evenly spread and always containing the
+    last (pure-noise) step and the first: round(linspace(0, T-1, steps))."""
+    _check_num_timesteps(num_timesteps)
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps: expected an int in [1, {num_timesteps}] (the schedule's T), got {steps!r}")
+    if steps == 1:
+        return np.array([num_timesteps - 1])
+    ts = np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int64)
+    return ts
+
+
+def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> Schedule:
+    """Keep only ``timesteps`` of ``schedule`` (Nichol & Dhariwal 2021, sec. 4).
+
+    New betas are beta'_i = 1 - abar[k_i] / abar[k_{i-1}] for the sorted kept timesteps k,
+    so the kept alphas_cumprod are unchanged. The result's ``timesteps`` record the kept
+    timesteps of the original model, so networks are called with the times they know.
+    """
+    ts = np.asarray(timesteps)
+    T = schedule.num_timesteps
+    if ts.ndim != 1 or ts.size == 0 or not np.issubdtype(ts.dtype, np.integer):
+        raise ValueError(f"timesteps: expected a non-empty 1-D integer array, got {ts!r}")
+    if np.any(np.diff(ts) <= 0):
+        raise ValueError(f"timesteps: expected strictly increasing values, got {ts.tolist()}")
+    if ts[0] < 0 or ts[-1] >= T:
+        raise ValueError(f"timesteps: expected values in [0, {T}), got min {ts[0]}, max {ts[-1]}")
+    # Recompute the products in float64 from the stored betas so respacing loses nothing.
+    ac = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
+    kept = ac[ts]
+    betas = 1.0 - kept / np.append(1.0, kept[:-1])
+    return from_betas(betas, np.asarray(schedule.timesteps)[ts])
+
+
+# ---------------------------------------------------------------------------
+# Continuous time: log-SNR schedules lambda(t), t in [0, 1].
+# ---------------------------------------------------------------------------
+
+
+def vp_linear_log_snr(t: jax.Array, beta_min: float = 0.1, beta_max: float = 20.0) -> jax.Array:
+    """log-SNR of the VP-SDE with linear beta(t) (Song et al. 2021, eq. 33):
+    abar(t) = exp(-beta_min t - (beta_max - beta_min) t^2 / 2), lambda = log(abar / (1 - abar))."""
+    log_abar = -beta_min * t - 0.5 * (beta_max - beta_min) * t**2
+    return log_abar - jnp.log(-jnp.expm1(log_abar))
+
+
+def cosine_log_snr(t: jax.Array, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> jax.Array:
+    """Cosine log-SNR (Ho & Salimans 2022, CFG paper, sec. 4 / Kingma et al. 2021):
+    lambda(t) = -2 log tan(a t + b), with a, b chosen so lambda(0)=logsnr_max, lambda(1)=logsnr_min."""
+    b = math.atan(math.exp(-0.5 * logsnr_max))
+    a = math.atan(math.exp(-0.5 * logsnr_min)) - b
+    return -2.0 * jnp.log(jnp.tan(a * t + b))
+
+
+def alpha_sigma_from_log_snr(log_snr: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(alpha, sigma) of a variance-preserving process: alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda)."""
+    return jnp.sqrt(jax.nn.sigmoid(log_snr)), jnp.sqrt(jax.nn.sigmoid(-log_snr))
+
+
+def from_log_snr(log_snr_fn, num_timesteps: int, max_beta: float = 0.999) -> Schedule:
+    """Discretize a continuous log-SNR schedule at t_i = (i + 1) / T, i = 0..T-1."""
+    _check_num_timesteps(num_timesteps)
+    u = (np.arange(num_timesteps, dtype=np.float64) + 1.0) / num_timesteps
+    lam = np.asarray(jax.device_get(log_snr_fn(jnp.asarray(u, dtype=jnp.float32))), dtype=np.float64)
+    ac = 1.0 / (1.0 + np.exp(-lam))
+    return from_alphas_cumprod(np.minimum.accumulate(ac), max_beta)
+
+
+def get(name: str, num_timesteps: int, **kwargs) -> Schedule:
+    """Schedule by name: ``"linear"`` or ``"cosine"`` (what configs use)."""
+    builders = {"linear": linear, "cosine": cosine}
+    if name not in builders:
+        raise ValueError(f"schedule: expected one of {sorted(builders)}, got {name!r}")
+    return builders[name](num_timesteps, **kwargs)
