@@ -19,3 +19,6 @@ from jdiff.diffusion import (
 from jdiff.schedules import Schedule
 
 __version__ = "0.1.0"
+
+from jdiff import samplers, testing
+from jdiff.samplers import SampleOutput, ddim_step, ddpm_step, sample
