@@ -45,10 +45,16 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 # ---------------------------------------------------------------------------
 
 
-def _abar(schedule: Schedule, t: jax.Array, x: jax.Array) -> jax.Array:
-    """alphas_cumprod[t] broadcast to x, with abar = 1 at t = -1."""
-    padded = jnp.concatenate([schedule.alphas_cumprod, jnp.ones((1,), schedule.alphas_cumprod.dtype)])
-    return extract(padded, jnp.where(jnp.asarray(t) < 0, schedule.num_timesteps, t), x)
+def _padded(coef: jax.Array, at_data: float) -> jax.Array:
+    return jnp.concatenate([coef, jnp.full((1,), at_data, coef.dtype)])
+
+
+def _alpha_sigma(schedule: Schedule, t: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sqrt(abar_t), sqrt(1 - abar_t)) broadcast to x, from the float64-derived tables
+    (1 - abar in float32 would cancel near t = 0), with (1, 0) at t = -1."""
+    idx = jnp.where(jnp.asarray(t) < 0, schedule.num_timesteps, t)
+    return (extract(_padded(schedule.sqrt_alphas_cumprod, 1.0), idx, x),
+            extract(_padded(schedule.sqrt_one_minus_alphas_cumprod, 0.0), idx, x))
 
 
 def _check_pair(schedule: Schedule, t, t_prev, x) -> None:
@@ -92,10 +98,13 @@ def _ddpm_update(pmv: diffusion.MeanVariance, t, noise):
 
 
 def _ddim_update(schedule, x0, eps, xt, t, t_prev, eta, noise):
-    a_t, a_prev = _abar(schedule, t, xt), _abar(schedule, t_prev, xt)
-    sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev))
-    dir_xt = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0)) * eps
-    return jnp.sqrt(a_prev) * x0 + dir_xt + sigma * noise
+    alpha_p, sigma_p = _alpha_sigma(schedule, t_prev, xt)
+    alpha_t, sigma_t = _alpha_sigma(schedule, t, xt)
+    # 1 - abar_t / abar_prev, without cancellation for short steps.
+    one_minus_ratio = -jnp.expm1(2.0 * (jnp.log(alpha_t) - jnp.log(alpha_p)))
+    sigma = eta * (sigma_p / sigma_t) * jnp.sqrt(one_minus_ratio)
+    dir_xt = jnp.sqrt(jnp.maximum(sigma_p**2 - sigma**2, 0.0)) * eps
+    return alpha_p * x0 + dir_xt + sigma * noise
 
 
 def ddim_step(
@@ -127,7 +136,7 @@ def ddim_step(
 
 def _vp_increment(schedule, t, t_prev, x):
     """Integrated beta over (t_prev, t]: int beta(s) ds = log(abar_prev / abar_t)."""
-    return jnp.log(_abar(schedule, t_prev, x)) - jnp.log(_abar(schedule, t, x))
+    return 2.0 * (jnp.log(_alpha_sigma(schedule, t_prev, x)[0]) - jnp.log(_alpha_sigma(schedule, t, x)[0]))
 
 
 def euler_maruyama_step(schedule: Schedule, eps: jax.Array, xt: jax.Array, t, t_prev, key, last: bool | jax.Array = False):
@@ -139,7 +148,7 @@ def euler_maruyama_step(schedule: Schedule, eps: jax.Array, xt: jax.Array, t, t_
     The last step (``last``) adds no noise, as the reference predictor does.
     """
     dB = _vp_increment(schedule, t, t_prev, xt)
-    score = -eps / jnp.sqrt(1.0 - _abar(schedule, t, xt))
+    score = -eps / _alpha_sigma(schedule, t, xt)[1]
     last = jnp.asarray(last)
     noise_scale = jnp.where(last.reshape(last.shape + (1,) * (xt.ndim - last.ndim)), 0.0, jnp.sqrt(dB))
     return xt + (0.5 * xt + score) * dB + noise_scale * _noise(key, xt)
@@ -149,7 +158,7 @@ def ode_step(schedule: Schedule, eps: jax.Array, xt: jax.Array, t, t_prev):
     """Probability-flow ODE of the VP-SDE, one Euler step (Song et al. 2021b, eq. 13):
     dx/dt = -beta/2 (x + score); backwards over dB: x_prev = x + (x + score) dB / 2."""
     dB = _vp_increment(schedule, t, t_prev, xt)
-    score = -eps / jnp.sqrt(1.0 - _abar(schedule, t, xt))
+    score = -eps / _alpha_sigma(schedule, t, xt)[1]
     return xt + 0.5 * (xt + score) * dB
 
 
@@ -169,9 +178,8 @@ def dpm_solver_step(schedule: Schedule, x0: jax.Array, xt: jax.Array, t, t_prev,
     ``first_order`` is used at the first step (no history) and at the last step to the data
     (h = inf there; the update then returns D itself). Returns (x_prev, new state).
     """
-    a_t, a_prev = _abar(schedule, t, xt), _abar(schedule, t_prev, xt)
-    alpha_t, sigma_t = jnp.sqrt(a_t), jnp.sqrt(1.0 - a_t)
-    alpha_p, sigma_p = jnp.sqrt(a_prev), jnp.sqrt(1.0 - a_prev)
+    alpha_t, sigma_t = _alpha_sigma(schedule, t, xt)
+    alpha_p, sigma_p = _alpha_sigma(schedule, t_prev, xt)
     # e^{-h} = (sigma_p / alpha_p) / (sigma_t / alpha_t): finite (0) when stepping to the data.
     exp_neg_h = (sigma_p * alpha_t) / (alpha_p * sigma_t)
     h = -jnp.log(exp_neg_h)
@@ -461,12 +469,12 @@ def _update_ddim_inverse(c, sched, eval_fn, x, t, t_next, key, state, first_orde
     # lands on x when x_next = sqrt(a_next) (x - sqrt(1 - a_t) e) / sqrt(a_t) + sqrt(1 - a_next) e
     # with e = eps(x_next, t_next): solved by fixed-point iteration from x_next = x, whose first
     # iterate is the usual inversion eps(x_t, t_next) ~ eps(x_next, t_next).
-    a_t, a_next = _abar(sched, t, x), _abar(sched, t_next, x)
+    alpha_t, sigma_t = _alpha_sigma(sched, t, x)
+    alpha_n, sigma_n = _alpha_sigma(sched, t_next, x)
 
     def refine(_, x_next):
         _, eps = _prediction(c, sched, eval_fn(x_next), x_next, t_next)
-        x0 = (x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
-        return jnp.sqrt(a_next) * x0 + jnp.sqrt(1.0 - a_next) * eps
+        return alpha_n * (x - sigma_t * eps) / alpha_t + sigma_n * eps
 
     x_next = jax.lax.fori_loop(0, c.inverse_iterations, refine, x)
     return x_next, x, state
