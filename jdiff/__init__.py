@@ -20,5 +20,5 @@ from jdiff.schedules import Schedule
 
 __version__ = "0.1.0"
 
-from jdiff import samplers, testing
-from jdiff.samplers import SampleOutput, ddim_step, ddpm_step, sample
+from jdiff import guidance, metrics, models, samplers, testing
+from jdiff.samplers import SampleOutput, ddim_invert, ddim_step, ddpm_step, sample

@@ -84,7 +84,8 @@ def q_mean_variance(schedule: Schedule, x0: jax.Array, t: jax.Array):
     """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (DDPM eq. 4)."""
     check_timesteps(schedule, t, x0)
     mean = extract(schedule.sqrt_alphas_cumprod, t, x0) * x0
-    var = extract(1.0 - schedule.alphas_cumprod, t, x0)
+    # Not 1 - alphas_cumprod: in float32 that loses ~1e-4 of the variance where abar ~ 1.
+    var = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) ** 2
     log_var = extract(schedule.log_one_minus_alphas_cumprod, t, x0)
     return mean, jnp.broadcast_to(var, x0.shape), jnp.broadcast_to(log_var, x0.shape)
 
@@ -112,30 +113,35 @@ def q_posterior(schedule: Schedule, x0: jax.Array, xt: jax.Array, t: jax.Array):
 def predict_x0(schedule: Schedule, xt: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
     """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (inverse of DDPM eq. 4)."""
     check_timesteps(schedule, t, xt)
+    _check_same_shape(xt=xt, eps=eps)
     return extract(schedule.sqrt_recip_alphas_cumprod, t, xt) * xt - extract(schedule.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
 
 def predict_eps(schedule: Schedule, xt: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
     """eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1 / abar_t - 1)."""
     check_timesteps(schedule, t, xt)
+    _check_same_shape(xt=xt, x0=x0)
     return (extract(schedule.sqrt_recip_alphas_cumprod, t, xt) * xt - x0) / extract(schedule.sqrt_recipm1_alphas_cumprod, t, xt)
 
 
 def predict_v(schedule: Schedule, x0: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
     """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans & Ho 2022, sec. 4)."""
     check_timesteps(schedule, t, x0)
+    _check_same_shape(x0=x0, eps=eps)
     return extract(schedule.sqrt_alphas_cumprod, t, x0) * eps - extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
 
 def predict_x0_from_v(schedule: Schedule, xt: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (Salimans & Ho 2022, appendix D)."""
     check_timesteps(schedule, t, xt)
+    _check_same_shape(xt=xt, v=v)
     return extract(schedule.sqrt_alphas_cumprod, t, xt) * xt - extract(schedule.sqrt_one_minus_alphas_cumprod, t, xt) * v
 
 
 def predict_eps_from_v(schedule: Schedule, xt: jax.Array, t: jax.Array, v: jax.Array) -> jax.Array:
     """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
     check_timesteps(schedule, t, xt)
+    _check_same_shape(xt=xt, v=v)
     return extract(schedule.sqrt_one_minus_alphas_cumprod, t, xt) * xt + extract(schedule.sqrt_alphas_cumprod, t, xt) * v
 
 
@@ -243,7 +249,8 @@ def p_mean_variance(
         var = extract(schedule.posterior_variance, t, xt)
         log_var = extract(schedule.posterior_log_variance_clipped, t, xt)
     elif variance == "fixed_large":
-        large = jnp.concatenate([schedule.posterior_variance[1:2], schedule.betas[1:]])
+        # A one-step (respaced) schedule has no beta_tilde_1 to substitute.
+        large = schedule.betas.at[0].set(schedule.posterior_variance[1]) if schedule.num_timesteps > 1 else schedule.betas
         var = extract(large, t, xt)
         log_var = jnp.log(var)
     elif variance == "learned_range":

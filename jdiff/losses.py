@@ -42,8 +42,10 @@ def mean_flat(x: jax.Array) -> jax.Array:
 
 def snr(schedule: Schedule, t: jax.Array) -> jax.Array:
     """Signal-to-noise ratio SNR(t) = abar_t / (1 - abar_t) (Kingma et al. 2021, eq. 2), shape [B]."""
-    ac = jnp.take(schedule.alphas_cumprod, t)
-    return ac / (1.0 - ac)
+    diffusion.check_timesteps(schedule, t)
+    # alpha_t / sigma_t from their float64-derived values; 1 - abar_t in float32 would lose
+    # ~1e-4 of SNR where abar_t ~ 1.
+    return (jnp.take(schedule.sqrt_alphas_cumprod, t) / jnp.take(schedule.sqrt_one_minus_alphas_cumprod, t)) ** 2
 
 
 def loss_weight(
@@ -89,8 +91,13 @@ def loss_weight(
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.
+
+    Written as expm1(d) - d, d = logvar1 - logvar2: the textbook -1 + exp(d) rounds to
+    ~1e-7 in float32 and swamps the prior term L_T (~1e-5 nats or less).
+    """
+    d = logvar1 - logvar2
+    return 0.5 * (jnp.expm1(d) - d + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
 
 
 def approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
@@ -169,6 +176,10 @@ def diffusion_loss(
       model_fn: (x_t [B, ...], t [B]) -> output [B, ..., C] (or 2C for learned variances).
       x0, noise: [B, ...]; t: [B] int in [0, T).
     """
+    # Names are checked (by loss_weight and here) before the network runs or is traced.
+    weight = loss_weight(schedule, t, parameterization, weighting, **weight_kwargs)
+    if variance not in diffusion.VARIANCE_TYPES:
+        raise ValueError(f"variance: expected one of {diffusion.VARIANCE_TYPES}, got {variance!r}")
     xt = diffusion.q_sample(schedule, x0, t, noise)
     output = model_fn(xt, schedule.timesteps[t])
     pred, var_out = diffusion.split_variance_output(output, variance)
@@ -178,11 +189,9 @@ def diffusion_loss(
         target = noise
     elif parameterization == "x0":
         target = x0
-    elif parameterization == "v":
+    else:  # "v", the only other name loss_weight accepts
         target = diffusion.predict_v(schedule, x0, t, noise)
-    else:
-        raise ValueError(f"parameterization: expected 'eps', 'x0' or 'v', got {parameterization!r}")
-    mse = loss_weight(schedule, t, parameterization, weighting, **weight_kwargs) * mean_flat((target - pred) ** 2)
+    mse = weight * mean_flat((target - pred) ** 2)
     if var_out is None:
         return LossTerms(loss=mse, mse=mse, vlb=jnp.zeros_like(mse))
     frozen = jnp.concatenate([jax.lax.stop_gradient(pred), var_out], axis=-1)
@@ -216,18 +225,16 @@ def nll_bpd(
     """
     B = x0.shape[0]
 
-    def body(_, inputs):
-        t_scalar, k = inputs
+    def body(_, t_scalar):
         t = jnp.full((B,), t_scalar, dtype=jnp.int32)
-        noise = jax.random.normal(k, x0.shape, x0.dtype)
+        noise = jax.random.normal(jax.random.fold_in(key, t_scalar), x0.shape, x0.dtype)
         xt = diffusion.q_sample(schedule, x0, t, noise)
         out = model_fn(xt, schedule.timesteps[t])
         pmv = diffusion.p_mean_variance(schedule, out, xt, t, parameterization, variance, clip=clip)
         return None, vlb_term(schedule, x0, xt, t, pmv.mean, pmv.log_variance)
 
-    T = schedule.num_timesteps
-    ts = jnp.arange(T, dtype=jnp.int32)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ts)
-    _, terms = jax.lax.scan(body, None, (ts, keys))
+    # Keys are folded in inside the body: nothing runs (or compiles) before the model's output
+    # and the argument names have been checked while tracing it.
+    _, terms = jax.lax.scan(body, None, jnp.arange(schedule.num_timesteps, dtype=jnp.int32))
     prior = prior_bpd(schedule, x0)
     return BitsPerDim(total=prior + terms.sum(0), prior=prior, terms=terms)

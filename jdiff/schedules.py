@@ -122,7 +122,7 @@ def from_alphas_cumprod(alphas_cumprod: np.ndarray, max_beta: float = 0.999, tim
     """
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
     if ac.ndim != 1 or np.any(ac <= 0) or np.any(ac >= 1) or np.any(np.diff(ac) > 0):
-        raise ValueError("alphas_cumprod: expected a 1-D non-increasing array in (0, 1)")
+        raise ValueError(f"alphas_cumprod: expected a 1-D non-increasing array in (0, 1), got {ac!r}")
     betas = 1.0 - ac / np.append(1.0, ac[:-1])
     return from_betas(np.minimum(betas, max_beta), timesteps)
 
@@ -183,9 +183,14 @@ def respace(schedule: Schedule, timesteps: Sequence[int] | np.ndarray) -> Schedu
         raise ValueError(f"timesteps: expected strictly increasing values, got {ts.tolist()}")
     if ts[0] < 0 or ts[-1] >= T:
         raise ValueError(f"timesteps: expected values in [0, {T}), got min {ts[0]}, max {ts[-1]}")
-    # Recompute the products in float64 from the stored betas so respacing loses nothing.
-    ac = np.cumprod(1.0 - np.asarray(schedule.betas, dtype=np.float64))
-    kept = ac[ts]
+    # Recompute the products in float64, taking each alpha_t from the stored float32 value
+    # that holds it to full precision: 1 - beta_t for small betas, abar_t / abar_{t-1} for
+    # betas near 1 (1 - float32(0.999) is off by 1.3e-5).
+    betas = np.asarray(schedule.betas, dtype=np.float64)
+    ac = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alphas = np.where(betas > 0.5, ac / np.append(1.0, ac[:-1]), 1.0 - betas)
+    kept = np.cumprod(alphas)[ts]
     betas = 1.0 - kept / np.append(1.0, kept[:-1])
     return from_betas(betas, np.asarray(schedule.timesteps)[ts])
 
@@ -207,7 +212,10 @@ def cosine_log_snr(t: jax.Array, logsnr_min: float = -20.0, logsnr_max: float = 
     lambda(t) = -2 log tan(a t + b), with a, b chosen so lambda(0)=logsnr_max, lambda(1)=logsnr_min."""
     b = math.atan(math.exp(-0.5 * logsnr_max))
     a = math.atan(math.exp(-0.5 * logsnr_min)) - b
-    return -2.0 * jnp.log(jnp.tan(a * t + b))
+    # Past pi/4 the angle u = a t + b heads for pi/2, where float32 tan(u) loses ~1e-3 of
+    # lambda; there use -log tan(u) = log tan(pi/2 - u), pi/2 - u = a (1 - t) + c.
+    c = math.atan(math.exp(0.5 * logsnr_min))
+    return jnp.where(a * t + b < math.pi / 4, -2.0 * jnp.log(jnp.tan(a * t + b)), 2.0 * jnp.log(jnp.tan(a * (1.0 - t) + c)))
 
 
 def alpha_sigma_from_log_snr(log_snr: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -219,7 +227,10 @@ def from_log_snr(log_snr_fn, num_timesteps: int, max_beta: float = 0.999) -> Sch
     """Discretize a continuous log-SNR schedule at t_i = (i + 1) / T, i = 0..T-1."""
     _check_num_timesteps(num_timesteps)
     u = (np.arange(num_timesteps, dtype=np.float64) + 1.0) / num_timesteps
-    lam = np.asarray(jax.device_get(log_snr_fn(jnp.asarray(u, dtype=jnp.float32))), dtype=np.float64)
+    # lambda is evaluated in float64: betas are differences of neighbouring abar, so a
+    # float32 lambda (relative error ~1e-7 of |lambda| ~ 10) would cost ~1e-4 in each beta.
+    with jax.enable_x64(True):
+        lam = np.asarray(jax.device_get(log_snr_fn(jnp.asarray(u, dtype=jnp.float64))), dtype=np.float64)
     ac = 1.0 / (1.0 + np.exp(-lam))
     return from_alphas_cumprod(np.minimum.accumulate(ac), max_beta)
 

@@ -1,0 +1,38 @@
+"""Data for jdiff: the embedded digits, procedural shapes, TFDS, and the batch pipeline.
+
+Every source yields float32 images in [-1, 1], NHWC, and int32 labels. Sources are
+arrays or random-access objects; :func:`batch_at` turns any of them into the batch of a
+given training step, a pure function of (seed, step) that each process of a multi-host
+job slices for itself.
+"""
+
+from jdiff.data.datasets import BUILTIN_DATASETS, DATA_CONFIG_KEYS, Dataset, get_dataset
+from jdiff.data.digits import DIGITS_NUM_CLASSES, DIGITS_SHAPE, DIGITS_SPLITS, load_digits
+from jdiff.data.pipeline import batch_at, batch_indices, iterate, source_length, steps_per_epoch
+from jdiff.data.shapes import SHAPE_NAMES, ShapeParams, render_shapes, shape_params, shapes
+from jdiff.data.tfds_source import TfdsSource, UnknownDatasetError, center_crop_resize, tfds_source
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DATA_CONFIG_KEYS",
+    "DIGITS_NUM_CLASSES",
+    "DIGITS_SHAPE",
+    "DIGITS_SPLITS",
+    "Dataset",
+    "SHAPE_NAMES",
+    "ShapeParams",
+    "TfdsSource",
+    "UnknownDatasetError",
+    "batch_at",
+    "batch_indices",
+    "center_crop_resize",
+    "get_dataset",
+    "iterate",
+    "load_digits",
+    "render_shapes",
+    "shape_params",
+    "shapes",
+    "source_length",
+    "steps_per_epoch",
+    "tfds_source",
+]

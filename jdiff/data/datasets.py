@@ -1,0 +1,100 @@
+"""``get_dataset``: a config's data section -> a random-access source plus what models need.
+
+Keys read from the section (a dict or ``ml_collections.ConfigDict``; other keys, such as
+the batch settings that :mod:`jdiff.data.pipeline` takes, are left alone):
+  name         "digits" | "shapes" | any TFDS name ("mnist", "cifar10", ...)   (required)
+  split        "train" | "test" for digits and shapes; any TFDS split string  (default "train")
+  resolution   shapes: image side (default 32); TFDS: crop-and-resize side (default None,
+               keep the stored size); digits: None or 8
+  num_examples shapes: how many to generate (default 10,000 for train, 1,000 for test)
+  seed         shapes: the generation seed (default 0); train and test use the independent
+               streams [seed, 0] and [seed, 1]
+  data_dir, image_key, label_key, download   TFDS only, as in :func:`tfds_source`
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jdiff.data import digits as digits_lib
+from jdiff.data import shapes as shapes_lib
+from jdiff.data.tfds_source import UnknownDatasetError, tfds_source
+
+__all__ = ["Dataset", "get_dataset", "DATA_CONFIG_KEYS", "BUILTIN_DATASETS"]
+
+BUILTIN_DATASETS = ("digits", "shapes")
+DATA_CONFIG_KEYS = ("name", "split", "resolution", "num_examples", "seed", "data_dir", "image_key", "label_key", "download")
+_SHAPES_SPLITS = ("train", "test")
+_SHAPES_DEFAULT_NUM_EXAMPLES = {"train": 10_000, "test": 1_000}
+
+
+class Dataset(NamedTuple):
+    """A source for :func:`jdiff.data.pipeline.batch_at` and the facts a model is built from.
+
+    source: arrays ({"image", "label"[, "mask"]} with a leading N) or a TfdsSource.
+    image_shape: (H, W, C) of one image. num_classes: labels are 0..num_classes-1 (None
+    when unlabelled).
+    """
+
+    source: Any
+    image_shape: tuple[int, int, int]
+    num_classes: int | None
+    name: str
+    split: str
+
+
+def get_dataset(config: Any, split: str | None = None) -> Dataset:
+    """Build the dataset a config's data section names.
+
+    Args:
+      config: the data section (see the module docstring for its keys).
+      split: overrides ``config.split`` (e.g. "test" for evaluation).
+
+    Returns:
+      A :class:`Dataset`; images are float32 in [-1, 1], labels int32.
+    """
+    if not hasattr(config, "get"):
+        raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
+    get = config.get
+    name = get("name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected 'digits', 'shapes' or a TFDS dataset name in the data config, got {name!r}")
+    split = split if split is not None else get("split", "train")
+    resolution = get("resolution", None)
+
+    if name == "digits":
+        side = digits_lib.DIGITS_SHAPE[0]
+        if resolution not in (None, side):
+            raise ValueError(f"resolution: the digits are {side}x{side}; expected None or {side}, got {resolution!r}")
+        images, labels = digits_lib.load_digits(split)
+        source = {"image": images, "label": labels}
+        return Dataset(source, digits_lib.DIGITS_SHAPE, digits_lib.DIGITS_NUM_CLASSES, name, split)
+
+    if name == "shapes":
+        if split not in _SHAPES_SPLITS:
+            raise ValueError(f"split: expected one of {_SHAPES_SPLITS} for the shapes dataset, got {split!r}")
+        resolution = 32 if resolution is None else resolution
+        num_examples = get("num_examples", None)
+        num_examples = _SHAPES_DEFAULT_NUM_EXAMPLES[split] if num_examples is None else num_examples
+        seed = get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: expected a non-negative int for the shapes dataset, got {seed!r}")
+        images, labels, masks = shapes_lib.shapes(num_examples, resolution, [int(seed), _SHAPES_SPLITS.index(split)])
+        source = {"image": images, "label": labels, "mask": masks}
+        return Dataset(source, (resolution, resolution, 3), len(shapes_lib.SHAPE_NAMES), name, split)
+
+    try:
+        source = tfds_source(
+            name,
+            split,
+            get("data_dir", None),
+            image_key=get("image_key", "image"),
+            label_key=get("label_key", "label"),
+            resolution=resolution,
+            download=get("download", False),
+        )
+    except UnknownDatasetError as e:
+        raise UnknownDatasetError(f"{e}; the built-in datasets are {BUILTIN_DATASETS}") from None
+    return Dataset(source, source.image_shape, source.num_classes, name, split)

@@ -1,0 +1,343 @@
+"""Building blocks shared by the U-Net, the noise-aware classifier and ControlNet.
+
+All modules take NHWC images ``[B, H, W, C]`` and a time embedding ``emb: [B, E]`` where they
+need one. Parameters are float32; ``dtype`` is the computation dtype (e.g. ``jnp.bfloat16``);
+normalisation statistics and attention softmaxes are computed in float32 whatever ``dtype`` is.
+
+Sources: Ho et al. 2020 (DDPM, appendix B and the reference ``diffusion_tf`` U-Net),
+Dhariwal & Nichol 2021 (ADM: adaptive group norm, BigGAN up/down residual blocks,
+multi-head attention, attention pooling), Song et al. 2021 (score SDE: random Fourier
+features), Vaswani et al. 2017 (sinusoidal embedding, scaled dot-product attention).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "Dtype",
+    "default_init",
+    "norm_groups",
+    "group_norm",
+    "sinusoidal_embedding",
+    "fourier_features",
+    "TimestepEmbedding",
+    "ResBlock",
+    "AttentionBlock",
+    "Downsample",
+    "Upsample",
+    "AttentionPool2d",
+    "upsample_nearest",
+    "avg_pool_2x",
+    "TIME_EMBEDDINGS",
+]
+
+Dtype = Any
+TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+
+
+def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
+    """Glorot-uniform ("fan_avg", uniform) initialiser, as in the DDPM reference code.
+
+    ``scale=0`` gives exact zeros (DDPM's ``init_scale=0.``): residual branches and output
+    projections start at zero so a fresh block is the identity and a fresh network outputs 0.
+    """
+    if scale == 0.0:
+        return nn.initializers.zeros_init()
+    return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
+
+
+def norm_groups(channels: int, max_groups: int = 32) -> int:
+    """Number of GroupNorm groups for ``channels``: the largest divisor of ``channels`` that is
+    at most ``max_groups`` and leaves at least 2 channels per group.
+
+    Wu & He 2018 use 32 groups; with the 8-16 channels of tiny test networks 32 does not divide
+    C, and one channel per group would make a 1x1 feature map normalise to exactly zero.
+    """
+    if channels < 1:
+        raise ValueError(f"channels: expected a positive channel count, got {channels}")
+    if channels == 1:
+        return 1
+    cap = max(1, min(max_groups, channels // 2))
+    return max(g for g in range(1, cap + 1) if channels % g == 0)
+
+
+def group_norm(channels: int, dtype: Dtype, name: Optional[str] = None) -> nn.GroupNorm:
+    """A GroupNorm over ``channels`` with :func:`norm_groups` groups and float32 statistics."""
+    return nn.GroupNorm(
+        num_groups=norm_groups(channels),
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+def _check_t(t: jax.Array, name: str = "t") -> jax.Array:
+    t = jnp.asarray(t)
+    if t.ndim != 1:
+        raise ValueError(f"{name}: expected shape [batch], got shape {tuple(t.shape)}")
+    if not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
+        raise ValueError(f"{name}: expected an int or float array, got dtype {t.dtype}")
+    return t
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Transformer sinusoidal embedding of timesteps (Vaswani et al. 2017, sec. 3.5), as in DDPM.
+
+    emb[b, i] = sin(t_b * f_i), emb[b, half + i] = cos(t_b * f_i) for i < half = dim // 2, with
+    f_i = exp(-log(max_period) * i / (half - 1)) (the DDPM reference's spacing: the lowest
+    frequency is exactly 1 / max_period). An odd ``dim`` gets a trailing zero column.
+
+    Args:
+      t: ``[B]`` int or float timesteps (fractional values are fine).
+      dim: embedding width, at least 4.
+    Returns:
+      ``[B, dim]`` float32.
+    """
+    t = _check_t(t)
+    if dim < 4:
+        raise ValueError(f"dim: expected an embedding width of at least 4, got {dim}")
+    half = dim // 2
+    # Frequencies are static: computed in float64 and rounded once, so the only float32 error
+    # left is the rounding of t * f (relative 2^-24 of the argument).
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - 1)).astype(np.float32)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def fourier_features(t: jax.Array, dim: int, scale: float = 16.0, seed: int = 0) -> jax.Array:
+    """Random Fourier features of continuous time (Tancik et al. 2020; score SDE's
+    ``GaussianFourierProjection``, Song et al. 2021).
+
+    emb = [sin(2 pi t W), cos(2 pi t W)] with W ~ N(0, scale^2) of size dim // 2. score_sde
+    stores W as a parameter and stops its gradient; here W is a constant drawn from ``seed``
+    so no optimizer (weight decay included) can move it and the config alone fixes it.
+
+    Args:
+      t: ``[B]`` int or float (continuous time, or score_sde's log sigma).
+      dim: even embedding width.
+    Returns:
+      ``[B, dim]`` float32.
+    """
+    t = _check_t(t)
+    if dim < 2 or dim % 2:
+        raise ValueError(f"dim: expected an even embedding width >= 2, got {dim}")
+    w = jax.random.normal(jax.random.key(seed), (dim // 2,), jnp.float32) * scale
+    args = 2.0 * jnp.pi * t.astype(jnp.float32)[:, None] * w[None, :]
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """t -> [sinusoidal | Fourier](t) -> Dense -> swish -> Dense (DDPM appendix B).
+
+    Attributes:
+      features: width of the sinusoidal / Fourier features (DDPM: the base channel count).
+      hidden: output width (DDPM: 4 x base channels).
+      kind: "sinusoidal" or "fourier".
+    Call: ``t: [B]`` int or float -> ``[B, hidden]``.
+    """
+
+    features: int
+    hidden: int
+    kind: str = "sinusoidal"
+    fourier_scale: float = 16.0
+    fourier_seed: int = 0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        if self.kind == "sinusoidal":
+            emb = sinusoidal_embedding(t, self.features)
+        elif self.kind == "fourier":
+            emb = fourier_features(t, self.features, self.fourier_scale, self.fourier_seed)
+        else:
+            raise ValueError(f"kind: expected one of {TIME_EMBEDDINGS}, got {self.kind!r}")
+        dense = lambda name: nn.Dense(
+            self.hidden, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=default_init(), name=name
+        )
+        emb = dense("dense0")(emb.astype(self.dtype))
+        return dense("dense1")(nn.swish(emb))
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2x upsampling: ``[B, H, W, C] -> [B, 2H, 2W, C]``."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def avg_pool_2x(x: jax.Array) -> jax.Array:
+    """2x2 average pooling with stride 2: ``[B, H, W, C] -> [B, H/2, W/2, C]``."""
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+def _conv(features: int, dtype: Dtype, *, kernel: int = 3, stride: int = 1, init_scale: float = 1.0, name=None):
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=default_init(init_scale),
+        name=name,
+    )
+
+
+class Downsample(nn.Module):
+    """Halve the resolution: a 3x3 stride-2 conv (``use_conv``) or 2x2 average pooling (DDPM)."""
+
+    use_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.use_conv:
+            return _conv(x.shape[-1], self.dtype, stride=2, name="conv")(x)
+        return avg_pool_2x(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour, then a 3x3 conv if ``use_conv`` (DDPM)."""
+
+    use_conv: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = upsample_nearest(x)
+        if self.use_conv:
+            x = _conv(x.shape[-1], self.dtype, name="conv")(x)
+        return x
+
+
+class ResBlock(nn.Module):
+    """Residual block with time conditioning (DDPM appendix B; ADM sec. 3).
+
+    h = conv1(swish(GN(x)))                       (resampled between swish and conv1 if ``resample``)
+    plain:        h = conv2(dropout(swish(GN(h + Dense(swish(emb))))))
+    scale-shift:  h = conv2(dropout(swish(GN(h) * (1 + s) + b))), [s, b] = Dense(swish(emb))
+                  (adaptive group norm, ADM eq. in sec. 3 "AdaGN")
+    out = skip(x) + h, skip = 1x1 conv when the channel count changes, else identity.
+    conv2 is zero-initialised, so a fresh block is the identity (or a 1x1 projection).
+
+    Attributes:
+      out_channels: output channels (None: same as input).
+      resample: None, "up" (nearest 2x) or "down" (2x2 average pool), applied to both branches
+        (BigGAN-style up/down blocks, ADM's ``resblock_updown``).
+    Call: ``x: [B, H, W, C]``, ``emb: [B, E]`` -> ``[B, H', W', out_channels]``.
+    """
+
+    out_channels: Optional[int] = None
+    dropout: float = 0.0
+    scale_shift_norm: bool = False
+    resample: Optional[str] = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
+        if self.resample not in (None, "up", "down"):
+            raise ValueError(f"resample: expected None, 'up' or 'down', got {self.resample!r}")
+        in_ch = x.shape[-1]
+        out_ch = self.out_channels or in_ch
+        h = nn.swish(group_norm(in_ch, self.dtype, name="norm1")(x))
+        if self.resample == "up":
+            h, x = upsample_nearest(h), upsample_nearest(x)
+        elif self.resample == "down":
+            h, x = avg_pool_2x(h), avg_pool_2x(x)
+        h = _conv(out_ch, self.dtype, name="conv1")(h)
+
+        emb_out = nn.Dense(
+            2 * out_ch if self.scale_shift_norm else out_ch,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=default_init(),
+            name="temb_proj",
+        )(nn.swish(emb.astype(self.dtype)))[:, None, None, :]
+        norm2 = group_norm(out_ch, self.dtype, name="norm2")
+        if self.scale_shift_norm:
+            scale, shift = jnp.split(emb_out, 2, axis=-1)
+            h = norm2(h) * (1.0 + scale) + shift
+        else:
+            h = norm2(h + emb_out)
+        h = nn.swish(h)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = _conv(out_ch, self.dtype, init_scale=0.0, name="conv2")(h)
+
+        if in_ch != out_ch:
+            x = _conv(out_ch, self.dtype, kernel=1, name="nin_shortcut")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H x W positions, residual (DDPM ``attn_block``; ADM).
+
+    out = x + proj_out(MHA(GN(x))), MHA with q, k, v = 1x1 projections, softmax(q k^T / sqrt(d))
+    per head of width d = C / num_heads (Vaswani et al. 2017, eq. 1). ``proj_out`` is
+    zero-initialised, so a fresh block is the identity.
+
+    Call: ``x: [B, H, W, C]`` -> same shape. C must be divisible by ``num_heads``.
+    """
+
+    num_heads: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, C = x.shape
+        if self.num_heads < 1 or C % self.num_heads:
+            raise ValueError(f"num_heads: expected a positive divisor of the channel count {C}, got {self.num_heads}")
+        d = C // self.num_heads
+        h = group_norm(C, self.dtype, name="norm")(x)
+        dense = lambda name, scale=1.0: nn.Dense(
+            C, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=default_init(scale), name=name
+        )
+        heads = lambda a: a.reshape(B, H * W, self.num_heads, d)
+        q, k, v = (heads(dense(n)(h)) for n in ("q", "k", "v"))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, H, W, C)
+        return x + dense("proj_out", 0.0)(out)
+
+
+class AttentionPool2d(nn.Module):
+    """Attention pooling of a feature map to a vector (CLIP; ADM's classifier head).
+
+    tokens = [mean over positions; the H*W positions] + learned positional embedding;
+    one multi-head attention step whose query is the mean token; then a Dense to
+    ``out_features``. Call: ``x: [B, H, W, C]`` -> ``[B, out_features]``. The positional
+    embedding is sized at init, so the spatial size must stay fixed.
+    """
+
+    out_features: int
+    num_heads: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, H, W, C = x.shape
+        if self.num_heads < 1 or C % self.num_heads:
+            raise ValueError(f"num_heads: expected a positive divisor of the channel count {C}, got {self.num_heads}")
+        d = C // self.num_heads
+        tokens = x.reshape(B, H * W, C)
+        tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
+        pos = self.param("positional_embedding", nn.initializers.normal(C**-0.5), (H * W + 1, C), jnp.float32)
+        tokens = tokens + pos.astype(self.dtype)
+        qkv = nn.Dense(3 * C, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=default_init(), name="qkv")(tokens)
+        q, k, v = (a.reshape(B, H * W + 1, self.num_heads, d) for a in jnp.split(qkv, 3, axis=-1))
+        logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k, preferred_element_type=jnp.float32) / math.sqrt(d)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        pooled = jnp.einsum("bhk,bkhd->bhd", weights, v).reshape(B, C)
+        return nn.Dense(
+            self.out_features, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=default_init(), name="proj"
+        )(pooled)

@@ -1,0 +1,371 @@
+"""The diffusion U-Net (Ho et al. 2020, appendix B; Dhariwal & Nichol 2021, ADM).
+
+Images are NHWC. The network is split into an encoder (time/class embedding, input conv,
+downsampling levels, middle block) and a decoder (upsampling levels fed by the encoder's skip
+connections, output head), so a ControlNet (Zhang et al. 2023) can run a trainable copy of
+:class:`UNetEncoder` with the very same parameter tree and feed its outputs back through
+``UNet(...)(..., skip_residuals=...)``, and a noise-aware classifier can reuse the encoder as its
+trunk. The network knows nothing of diffusion: ``t`` is whatever the caller feeds the time
+embedding (integer steps for DDPM, continuous time for SDE models).
+
+The defaults are the DDPM CIFAR-10 network (35,746,307 parameters with 3 input channels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdiff.models.layers import (
+    TIME_EMBEDDINGS,
+    AttentionBlock,
+    Downsample,
+    Dtype,
+    ResBlock,
+    TimestepEmbedding,
+    Upsample,
+    default_init,
+    group_norm,
+)
+
+__all__ = ["UNet", "UNetEncoder", "UNetDecoder", "EncoderOutput", "module_from_config", "cifar10_ddpm_unet"]
+
+
+def _shape(a) -> tuple:
+    return tuple(np.shape(a))
+
+
+def module_from_config(cls, cfg: Any, **overrides) -> nn.Module:
+    """Build a linen module ``cls`` from a ConfigDict (or mapping) whose keys are its field names.
+
+    Lists become tuples (command-line overrides give lists) and a dtype may be a string such as
+    ``"bfloat16"``. Unknown keys raise a ValueError listing the accepted ones.
+    """
+    if hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"cfg: expected an ml_collections.ConfigDict or a mapping, got {type(cfg).__name__}")
+    kwargs = {**dict(cfg), **overrides}
+    allowed = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+    unknown = sorted(k for k in kwargs if k not in allowed)
+    if unknown:
+        raise ValueError(f"cfg: unknown key(s) {unknown} for {cls.__name__}; expected a subset of {allowed}")
+    for k, v in kwargs.items():
+        if isinstance(v, list):
+            kwargs[k] = tuple(v)
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    return cls(**kwargs)
+
+
+def validate_trunk_fields(m: nn.Module) -> None:
+    """Raise a ValueError naming the first bad architecture field of a U-Net-like module."""
+
+    def bad(name, expected):
+        return ValueError(f"{name}: expected {expected}, got {getattr(m, name)!r}")
+
+    def positive_int(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+    if not positive_int(m.base_channels) or m.base_channels < 4 or m.base_channels % 2:
+        raise bad("base_channels", "an even int >= 4")
+    if not isinstance(m.channel_mult, (tuple, list)) or not m.channel_mult or not all(map(positive_int, m.channel_mult)):
+        raise bad("channel_mult", "a non-empty tuple of positive ints")
+    if not positive_int(m.num_res_blocks):
+        raise bad("num_res_blocks", "a positive int")
+    if not isinstance(m.attention_resolutions, (tuple, list)) or not all(map(positive_int, m.attention_resolutions)):
+        raise bad("attention_resolutions", "a tuple of positive ints (feature-map heights, e.g. (16,))")
+    if not positive_int(m.num_heads):
+        raise bad("num_heads", "a positive int")
+    if not 0.0 <= m.dropout < 1.0:
+        raise bad("dropout", "a rate in [0, 1)")
+    if m.time_embedding not in TIME_EMBEDDINGS:
+        raise bad("time_embedding", f"one of {TIME_EMBEDDINGS}")
+
+
+class EncoderOutput(NamedTuple):
+    """What :class:`UNetEncoder` returns.
+
+    emb: ``[B, 4 * base_channels]`` time (+ class) embedding.
+    skips: the skip connections, shallowest first (input conv, then every block and downsample).
+    h: the middle block's output ``[B, H / 2**(L-1), W / 2**(L-1), C_mid]``.
+    """
+
+    emb: jax.Array
+    skips: tuple
+    h: jax.Array
+
+
+class _UNetFields(nn.Module):
+    """Architecture fields shared by :class:`UNetEncoder` and :class:`UNet`.
+
+    base_channels: channels of the first level (DDPM: 128).
+    channel_mult: per-level channel multipliers; len(channel_mult) - 1 downsamplings.
+    num_res_blocks: residual blocks per level on the way down (the way up has one more).
+    attention_resolutions: feature-map heights at which self-attention follows each block.
+    num_heads: attention heads. dropout: rate inside residual blocks (training only).
+    resblock_updown: resample with BigGAN-style residual blocks (ADM) instead of Downsample /
+      Upsample. conv_resample: Downsample / Upsample with convolutions (else pool / nearest).
+    scale_shift_norm: adaptive group norm (ADM) instead of adding the time embedding.
+    mid_attention: self-attention in the middle block (DDPM always has it).
+    num_classes: None, or the number of classes of a learned class embedding with
+      ``num_classes + 1`` rows; row ``num_classes`` is the null class of classifier-free
+      guidance (Ho & Salimans 2022), used when ``y`` is None.
+    cond_channels: channels of an image concatenated to ``x`` (super-resolution, inpainting).
+    time_embedding: "sinusoidal" (DDPM) or "fourier" (score SDE), with fourier_scale / seed.
+    dtype: computation dtype; parameters are float32 and the output is float32.
+    """
+
+    base_channels: int = 128
+    channel_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (16,)
+    num_heads: int = 1
+    dropout: float = 0.1
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    scale_shift_norm: bool = False
+    mid_attention: bool = True
+    num_classes: Optional[int] = None
+    cond_channels: int = 0
+    time_embedding: str = "sinusoidal"
+    fourier_scale: float = 16.0
+    fourier_seed: int = 0
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        validate_trunk_fields(self)
+        if self.num_classes is not None and (not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 1):
+            raise ValueError(f"num_classes: expected None or a positive int, got {self.num_classes!r}")
+        if not isinstance(self.cond_channels, (int, np.integer)) or self.cond_channels < 0:
+            raise ValueError(f"cond_channels: expected a non-negative int, got {self.cond_channels!r}")
+        super().__post_init__()
+
+    @classmethod
+    def from_config(cls, cfg: Any, **overrides):
+        """Build from an ml_collections ``model`` ConfigDict whose keys are this class's fields."""
+        return module_from_config(cls, cfg, **overrides)
+
+    def _shared_fields(self, target) -> dict:
+        names = {f.name for f in dataclasses.fields(target)} - {"parent", "name"}
+        return {n: getattr(self, n) for n in names if hasattr(self, n)}
+
+    def _validate_inputs(self, x, t, y, cond) -> None:
+        """Static-shape checks, run while tracing (before XLA compiles anything)."""
+        if np.ndim(x) != 4:
+            raise ValueError(f"x: expected rank 4 [B, H, W, C] (NHWC), got shape {_shape(x)}")
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"x: expected a floating dtype, got {jnp.result_type(x)}")
+        B, H, W, _ = _shape(x)
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if H % factor or W % factor:
+            raise ValueError(
+                f"x: expected height and width divisible by 2**(len(channel_mult) - 1) = {factor}, got shape {_shape(x)}"
+            )
+        if np.ndim(t) != 1 or _shape(t)[0] != B:
+            raise ValueError(f"t: expected shape [{B}] (one time per example of x), got shape {_shape(t)}")
+        if self.cond_channels:
+            if cond is None:
+                raise ValueError(f"cond: expected an image [B, H, W, {self.cond_channels}] (cond_channels={self.cond_channels}), got None")
+            if _shape(cond) != (B, H, W, self.cond_channels):
+                raise ValueError(f"cond: expected shape {(B, H, W, self.cond_channels)}, got shape {_shape(cond)}")
+        elif cond is not None:
+            raise ValueError(f"cond: expected None since cond_channels=0, got an array of shape {_shape(cond)}")
+        if y is not None:
+            if self.num_classes is None:
+                raise ValueError(f"y: expected None for an unconditional network (num_classes=None), got shape {_shape(y)}")
+            if _shape(y) != (B,) or not jnp.issubdtype(jnp.result_type(y), jnp.integer):
+                raise ValueError(f"y: expected int labels of shape [{B}], got shape {_shape(y)} dtype {jnp.result_type(y)}")
+            if not isinstance(y, jax.core.Tracer):
+                yv = np.asarray(y)
+                if yv.min() < 0 or yv.max() > self.num_classes:
+                    raise ValueError(
+                        f"y: expected labels in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                        f"got min {yv.min()}, max {yv.max()}"
+                    )
+
+
+class UNetEncoder(_UNetFields):
+    """Embedding, input conv, downsampling levels and middle block of the U-Net.
+
+    Call: ``x: [B, H, W, C]``, ``t: [B]`` int or float, ``y: [B]`` int or None, ``cond:
+    [B, H, W, cond_channels]`` or None, ``input_residual: [B, H, W, base_channels]`` or None
+    (added after the input conv: ControlNet's entry point for the control image).
+    Returns :class:`EncoderOutput`.
+    """
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: Optional[jax.Array] = None,
+        cond: Optional[jax.Array] = None,
+        train: bool = False,
+        input_residual: Optional[jax.Array] = None,
+    ) -> EncoderOutput:
+        self._validate_inputs(x, t, y, cond)
+        B, H, W, _ = x.shape
+        ch = self.base_channels
+        if input_residual is not None and _shape(input_residual) != (B, H, W, ch):
+            raise ValueError(f"input_residual: expected shape {(B, H, W, ch)}, got shape {_shape(input_residual)}")
+
+        emb = TimestepEmbedding(
+            ch, 4 * ch, self.time_embedding, self.fourier_scale, self.fourier_seed, self.dtype, name="time_embed"
+        )(t)
+        if self.num_classes is not None:
+            labels = jnp.full((B,), self.num_classes, jnp.int32) if y is None else y
+            emb = emb + nn.Embed(
+                self.num_classes + 1, 4 * ch, dtype=self.dtype, param_dtype=jnp.float32, name="class_embed"
+            )(labels)
+
+        if cond is not None:
+            x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
+        h = nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=default_init(), name="conv_in")(x.astype(self.dtype))
+        if input_residual is not None:
+            h = h + input_residual.astype(h.dtype)
+        skips = [h]
+        res = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, dtype=self.dtype)
+        last = len(self.channel_mult) - 1
+        for level, mult in enumerate(self.channel_mult):
+            for i in range(self.num_res_blocks):
+                h = ResBlock(ch * mult, **res, name=f"down_{level}_block_{i}")(h, emb, train)
+                if h.shape[1] in self.attention_resolutions:
+                    h = AttentionBlock(self.num_heads, self.dtype, name=f"down_{level}_attn_{i}")(h)
+                skips.append(h)
+            if level != last:
+                if self.resblock_updown:
+                    h = ResBlock(resample="down", **res, name=f"down_{level}_downsample")(h, emb, train)
+                else:
+                    h = Downsample(self.conv_resample, self.dtype, name=f"down_{level}_downsample")(h)
+                skips.append(h)
+
+        h = ResBlock(**res, name="mid_block_1")(h, emb, train)
+        if self.mid_attention:
+            h = AttentionBlock(self.num_heads, self.dtype, name="mid_attn")(h)
+        h = ResBlock(**res, name="mid_block_2")(h, emb, train)
+        return EncoderOutput(emb, tuple(skips), h)
+
+
+class UNetDecoder(nn.Module):
+    """Upsampling levels and output head: consumes :class:`EncoderOutput` (DDPM appendix B).
+
+    Each level runs ``num_res_blocks + 1`` residual blocks on ``concat(h, skip)``; the head is
+    GroupNorm -> swish -> 3x3 conv, zero-initialised so a fresh U-Net outputs exactly 0 (as in
+    DDPM and vdm). Returns ``[B, H, W, out_channels]`` float32.
+    """
+
+    out_channels: int
+    base_channels: int = 128
+    channel_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (16,)
+    num_heads: int = 1
+    dropout: float = 0.1
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    scale_shift_norm: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, enc: EncoderOutput, train: bool = False) -> jax.Array:
+        emb, skips, h = enc
+        skips = list(skips)
+        res = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, dtype=self.dtype)
+        for level in reversed(range(len(self.channel_mult))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = ResBlock(self.base_channels * self.channel_mult[level], **res, name=f"up_{level}_block_{i}")(h, emb, train)
+                if h.shape[1] in self.attention_resolutions:
+                    h = AttentionBlock(self.num_heads, self.dtype, name=f"up_{level}_attn_{i}")(h)
+            if level != 0:
+                if self.resblock_updown:
+                    h = ResBlock(resample="up", **res, name=f"up_{level}_upsample")(h, emb, train)
+                else:
+                    h = Upsample(self.conv_resample, self.dtype, name=f"up_{level}_upsample")(h)
+        assert not skips, "encoder and decoder disagree on the number of skip connections"
+        h = nn.swish(group_norm(h.shape[-1], self.dtype, name="norm_out")(h))
+        h = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=default_init(0.0), name="conv_out")(h)
+        return h.astype(jnp.float32)
+
+
+class UNet(_UNetFields):
+    """The diffusion U-Net: ``UNet(...).apply(params, x, t, y=None, cond=None)``.
+
+    Fields: the architecture fields documented on ``_UNetFields`` (base_channels, channel_mult,
+    num_res_blocks, attention_resolutions, num_heads, dropout, resblock_updown, conv_resample,
+    scale_shift_norm, mid_attention, num_classes, cond_channels, time_embedding, fourier_scale,
+    fourier_seed, dtype), plus ``out_channels`` (None: the channels of ``x``)
+    and ``learn_sigma`` (double the output to ``2 * out_channels``: [eps, variance
+    interpolation v], Nichol & Dhariwal 2021 eq. 15).
+
+    Call:
+      x: ``[B, H, W, C]`` float, H and W divisible by ``2**(len(channel_mult) - 1)``.
+      t: ``[B]`` int or float.
+      y: ``[B]`` int labels in [0, num_classes] or None (the null class); only if num_classes.
+      cond: ``[B, H, W, cond_channels]`` image concatenated to x, iff cond_channels > 0.
+      train: enables dropout (then pass ``rngs={"dropout": key}``).
+      skip_residuals: ControlNet hook (Zhang et al. 2023): a sequence with one array per skip
+        connection, each shaped like it, followed by one for the middle block's output; all are
+        added before the decoder. ``UNetEncoder`` with this network's fields yields exactly
+        these shapes (``EncoderOutput.skips + (EncoderOutput.h,)``).
+      input_residual: ControlNet's hint, passed to :class:`UNetEncoder`.
+    Returns ``[B, H, W, out_channels or C]`` (x2 with learn_sigma), float32.
+    """
+
+    out_channels: Optional[int] = None
+    learn_sigma: bool = False
+
+    def __post_init__(self):
+        if self.out_channels is not None and (not isinstance(self.out_channels, (int, np.integer)) or self.out_channels < 1):
+            raise ValueError(f"out_channels: expected None or a positive int, got {self.out_channels!r}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        y: Optional[jax.Array] = None,
+        cond: Optional[jax.Array] = None,
+        train: bool = False,
+        skip_residuals: Optional[Sequence[jax.Array]] = None,
+        input_residual: Optional[jax.Array] = None,
+    ) -> jax.Array:
+        self._validate_inputs(x, t, y, cond)
+        enc = UNetEncoder(**self._shared_fields(UNetEncoder), name="encoder")(x, t, y, cond, train, input_residual)
+        if skip_residuals is not None:
+            expected = [_shape(s) for s in enc.skips] + [_shape(enc.h)]
+            got = [_shape(r) for r in skip_residuals]
+            if got != expected:
+                raise ValueError(f"skip_residuals: expected {len(expected)} arrays of shapes {expected}, got {got}")
+            *skip_res, mid_res = skip_residuals
+            enc = EncoderOutput(
+                enc.emb,
+                tuple(s + r.astype(s.dtype) for s, r in zip(enc.skips, skip_res)),
+                enc.h + mid_res.astype(enc.h.dtype),
+            )
+        out_ch = self.out_channels or x.shape[-1]
+        if self.learn_sigma:
+            out_ch *= 2
+        fields = self._shared_fields(UNetDecoder)
+        fields.pop("out_channels")
+        return UNetDecoder(out_channels=out_ch, **fields, name="decoder")(enc, train)
+
+
+def cifar10_ddpm_unet(**overrides) -> UNet:
+    """The DDPM CIFAR-10 network (Ho et al. 2020, appendix B): 128 channels, multipliers
+    (1, 2, 2, 2), 2 residual blocks per level, attention at 16x16, dropout 0.1; 35.7M params."""
+    fields = dict(
+        base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
+        num_heads=1, dropout=0.1, resblock_updown=False, conv_resample=True, scale_shift_norm=False,
+        time_embedding="sinusoidal",
+    )
+    return UNet(**{**fields, **overrides})
