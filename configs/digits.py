@@ -12,11 +12,11 @@ def get_config():
     c = base_config()
     c.seed = 0
     c.data.name = "digits"  # 1,497 training images, 8x8x1, 10 classes (embedded, offline)
-    c.data.batch_size = 128
+    c.data.batch_size = 64
 
     c.model.base_channels = 32
     c.model.channel_mult = (1, 2)  # 8x8 -> 4x4
-    c.model.num_res_blocks = 2
+    c.model.num_res_blocks = 1
     c.model.attention_resolutions = (4,)
     c.model.num_heads = 2
     c.model.dropout = 0.1
@@ -32,15 +32,15 @@ def get_config():
     c.optim.ema_decay = 0.999
     c.optim.ema_warmup = True
 
-    c.train.num_steps = 4000
+    c.train.num_steps = 3000
     c.train.log_every = 100
-    c.train.checkpoint_every = 1000
-    c.train.sample_every = 2000
+    c.train.checkpoint_every = 500
+    c.train.sample_every = 1500
 
     c.sample.num = 100  # a 10x10 grid, one row per class
     c.sample.method = "ddpm"
     c.sample.steps = 250
     c.sample.guidance = 0.0
 
-    c.eval.num_samples = 1000
+    c.eval.num_samples = 500  # scored by the digits classifier (jdiff.evaluation)
     return c
