@@ -1,0 +1,21 @@
+"""The README's Python snippets run as written."""
+
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_readme_python_snippets_run():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)  # noqa: S102
+    assert namespace["x"].shape == (8000, 2)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "python -m pytest -q" in readme and "python -m pytest -q" in ci
