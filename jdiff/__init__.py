@@ -22,3 +22,29 @@ __version__ = "0.1.0"
 
 from jdiff import guidance, metrics, models, samplers, testing
 from jdiff.samplers import SampleOutput, ddim_invert, ddim_step, ddpm_step, sample
+
+__all__ = [
+    "Schedule",
+    "SampleOutput",
+    "ddim_invert",
+    "ddim_step",
+    "ddpm_step",
+    "diffusion",
+    "guidance",
+    "losses",
+    "metrics",
+    "models",
+    "p_mean_variance",
+    "predict_eps",
+    "predict_eps_from_v",
+    "predict_v",
+    "predict_x0",
+    "predict_x0_from_v",
+    "q_mean_variance",
+    "q_posterior",
+    "q_sample",
+    "sample",
+    "samplers",
+    "schedules",
+    "testing",
+]

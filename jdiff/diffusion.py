@@ -71,7 +71,7 @@ def check_timesteps(schedule: Schedule, t, x=None, name: str = "t") -> None:
 def _check_same_shape(**arrays) -> None:
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     if len(set(shapes.values())) > 1:
-        raise ValueError(f"expected equal shapes, got " + ", ".join(f"{k}: {s}" for k, s in shapes.items()))
+        raise ValueError("expected equal shapes, got " + ", ".join(f"{k}: {s}" for k, s in shapes.items()))
 
 
 def extract(coef: jax.Array, t: jax.Array, x: jax.Array) -> jax.Array:

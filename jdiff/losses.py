@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from jdiff import diffusion
-from jdiff.diffusion import extract
 from jdiff.schedules import Schedule
 
 __all__ = [

@@ -4,7 +4,6 @@ and the check that a workdir's checkpoint belongs to the same experiment."""
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import ml_collections
 
