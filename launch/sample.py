@@ -5,6 +5,11 @@ python -m launch.sample --workdir workdirs/digits --num 64 --out samples.npz --l
 
 --out FILE.png writes a grid; FILE.npz writes the raw float32 array "samples" [N, H, W, C] in
 [-1, 1] (and "labels" for conditional models). Uses the EMA params of the newest checkpoint.
+
+Each batch is split over all devices (of all processes, with --coordinator / --num_processes /
+--process_id as for launch.train; process 0 writes --out); for the same --seed and
+--batch_size the array is the same whatever the number of devices, e.g. with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU.
 """
 
 import os
@@ -13,9 +18,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from jdiff import images
-from jdiff.train.restore import load_for_sampling
+from jdiff import images, parallel
 from jdiff.train.generate import generate
+from jdiff.train.restore import load_for_sampling
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
@@ -27,6 +32,11 @@ _METHOD = flags.DEFINE_string("method", None, "ddpm | ddim | euler_maruyama | od
 _STEPS = flags.DEFINE_integer("steps", None, "Network calls (default: config).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: config).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Samples per compiled batch (default: config).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0 for a multi-process run, or 'auto' (default: JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (default: JAX_NUM_PROCESSES, else 1).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes) (default: JAX_PROCESS_ID).")
 
 
 def main(argv):
@@ -40,7 +50,9 @@ def main(argv):
     g = _GUIDANCE.value
     if not np.isfinite(g) or g < 0:
         raise app.UsageError(f"--guidance: expected a finite weight >= 0, got {g}")
-    loaded = load_for_sampling(_WORKDIR.value)
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    mesh = parallel.make_mesh()
+    loaded = load_for_sampling(_WORKDIR.value, mesh)
     cfg, model = loaded.config, loaded.model
     labels = None
     if _LABEL.value:
@@ -58,8 +70,10 @@ def main(argv):
         labels=labels, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
         method=_METHOD.value or s.method, steps=_STEPS.value if _STEPS.value is not None else s.steps,
         eta=_ETA.value if _ETA.value is not None else s.eta, clip=s.clip or None,
-        variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization,
+        variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
     )
+    if jax.process_index() != 0:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".npz"):
         tmp = out + ".tmp.npz"

@@ -4,28 +4,47 @@ python -m launch.train --config configs/digits.py --workdir workdirs/digits [--c
 
 Resumes automatically from the newest checkpoint in --workdir (which must belong to the same
 experiment). Writes checkpoints, metrics.jsonl, sample grids and metrics.json there.
+
+Runs unchanged on one device, all devices of a host (the global batch is split over them) and
+many hosts: start one process per host with --coordinator=HOST:PORT --num_processes=P
+--process_id=I (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or
+--coordinator=auto on a Cloud TPU pod, Slurm or Open MPI). See launch/local_multiprocess.py
+and launch/tpu_pod.sh.
 """
 
 import json
 import logging
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from jdiff import parallel
 from jdiff.train.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.", required=True)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "host:port of process 0 for a multi-process run, or 'auto' (default: JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (default: JAX_NUM_PROCESSES, else 1).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes) (default: JAX_PROCESS_ID).")
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Devices to train on (default: all devices of all processes).")
+_FSDP = flags.DEFINE_bool("fsdp", False, "Shard params and optimizer state over the devices instead of replicating them.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Before anything touches a device: jax.distributed must connect the processes first.
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.getLogger().setLevel(logging.INFO)
     # orbax logs every checkpoint phase at INFO; keep the console for our own progress.
     logging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname or record.levelno >= logging.WARNING)
-    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(json.dumps(metrics, indent=1))
+    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value, mesh=parallel.make_mesh(_NUM_DEVICES.value),
+                                 fsdp=_FSDP.value)
+    if jax.process_index() == 0:
+        print(json.dumps(metrics, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ The workdir holds ``checkpoints/<step>/`` (orbax, written atomically: a save kil
 leaves no step directory) and ``experiment.json``, the config fingerprint that a restart must
 match. A checkpoint that fails to restore (truncated or corrupt files) is reported and the
 previous one is used; nothing is deleted or overwritten.
+
+Arrays are saved shard by shard (every process of a multi-host job calls ``save`` and writes
+its own shards; orbax coordinates them) and restored onto the shardings of the restore target,
+so a checkpoint written on one mesh loads on another (8 devices -> 1, 1 -> 4, replicated ->
+FSDP).
 """
 
 from __future__ import annotations
@@ -74,7 +79,12 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def restore(self, target: Any) -> Any | None:
-        """The newest checkpoint that restores into ``target``'s structure, or None."""
+        """The newest checkpoint that restores into ``target``'s structure, or None.
+
+        ``target`` holds arrays or ``jax.ShapeDtypeStruct`` whose ``sharding`` says where each
+        restored leaf goes; without one, orbax falls back to the layout the checkpoint was
+        written with, which fails on a different set of devices.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         for step in reversed(self.steps()):
             try:
