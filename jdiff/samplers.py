@@ -14,6 +14,7 @@ Step functions (pure; shapes ``x_t: [B, ...]``, ``t: [B]`` int32):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -350,8 +351,8 @@ def _run(model_fn, schedule, shape_or_xT, key, method, ts, ts_prev, eta, paramet
         shape = tuple(x_T.shape)
     if len(shape) < 1 or shape[0] < 1:
         raise ValueError(f"shape_or_xT: expected a shape (B, ...) with B >= 1 or an array, got {shape}")
-    _check_model_output(model_fn, shape, variance)
     dynamic, static = _split_model_fn(model_fn)
+    _check_model_output(dynamic, static, shape, variance)
     config = _LoopConfig(
         method=method, ts=tuple(int(t) for t in ts), ts_prev=tuple(int(t) for t in ts_prev), eta=float(eta),
         parameterization=parameterization, variance=variance, clip=clip,
@@ -375,18 +376,30 @@ class _LoopConfig(NamedTuple):
     inverse_iterations: int = 1
 
 
-def _check_model_output(model_fn, shape, variance) -> None:
-    """Abstractly evaluate the model once so a shape mismatch is reported before compiling."""
+def _check_model_output(dynamic, static, shape, variance) -> None:
+    """Abstractly evaluate the model so a shape mismatch is reported before compiling."""
+    avals = tuple(None if d is None else (tuple(np.shape(d)), jnp.result_type(d)) for d in dynamic)
+    out = _model_output_shape(static, avals, shape)
+    want = shape[:-1] + (2 * shape[-1],) if variance in ("learned_range", "learned") else shape
+    if isinstance(out, Exception):
+        raise ValueError(f"model_fn: calling it with x_t of shape {shape} and t of shape ({shape[0]},) failed: {out}") from out
+    if out != want:
+        raise ValueError(f"model_fn: expected an output of shape {want} for x_t of shape {shape} (variance={variance!r}), got {out}")
+
+
+@functools.lru_cache(maxsize=128)
+def _model_output_shape(static, avals, shape):
+    """Output shape of the model for these abstract inputs, cached: a model_fn rebuilt for every
+    call (new params, same network) is traced once, not once per call. The cache keeps
+    ``static`` alive, so its identity-based key cannot be reused by another function."""
+    dyn = [None if a is None else jax.ShapeDtypeStruct(*a) for a in avals]
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     t = jax.ShapeDtypeStruct((shape[0],), jnp.int32)
     try:
-        out = jax.eval_shape(model_fn, x, t)
+        out = jax.eval_shape(lambda d, x_, t_: _merge_model_fn(d, static)(x_, t_), dyn, x, t)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"model_fn: calling it with x_t of shape {shape} and t of shape ({shape[0]},) failed: {e}") from e
-    want = shape[:-1] + (2 * shape[-1],) if variance in ("learned_range", "learned") else shape
-    if not hasattr(out, "shape") or tuple(out.shape) != want:
-        got = getattr(out, "shape", type(out).__name__)
-        raise ValueError(f"model_fn: expected an output of shape {want} for x_t of shape {shape} (variance={variance!r}), got {got}")
+        return e
+    return tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
 
 
 class _Static:
