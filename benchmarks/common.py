@@ -17,7 +17,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -92,31 +93,37 @@ def _apply(model, params, x, t, y, train=False, rngs=None):
 
 
 NETWORKS = ("digits8", "rgb16", "tiny8")
+IMAGE_SHAPES = {"digits8": (8, 8, 1), "rgb16": (16, 16, 3), "tiny8": (8, 8, 1)}
+
+
+def make_net_config(name: str):
+    """The digits training config with the model section and batch of network ``name``."""
+    config = load_config("digits")
+    if name == "rgb16":
+        config.data.batch_size = 16
+        config.model.attention_resolutions = (8,)
+    elif name == "tiny8":
+        config.data.batch_size = 16
+        config.model = load_config("tiny").model
+    elif name != "digits8":
+        raise ValueError(f"name: expected one of {NETWORKS}, got {name!r}")
+    return config
 
 
 def make_net(name: str, batch: int | None = None, seed: int = 0, init_only: bool = False) -> Net:
     """``digits8``: the network of configs/digits.py (class-conditional, 8x8x1, batch 64).
     ``rgb16``: the same architecture on 16x16x3 images (attention at 8x8), batch 16, so a
     call sees the same number of pixels per batch. ``tiny8``: the test network of
-    configs/tiny.py (8 base channels) on 8x8x1 at batch 16, where a call costs well under a
-    millisecond and per-call dispatch shows. All use the digits schedule (cosine, T = 1000).
+    configs/tiny.py (8 base channels) on 8x8x1 at batch 16, where a call costs about 2 ms and
+    per-call dispatch shows. All use the digits schedule (cosine, T = 1000).
     ``init_only`` returns the params of ``init_params`` unperturbed and no labels."""
     from jdiff.models import UNet
     from jdiff.train import config as config_lib
     from jdiff.train.loop import init_params
 
-    config = load_config("digits")
-    if name == "digits8":
-        image_shape, default_batch = (8, 8, 1), config.data.batch_size
-    elif name == "rgb16":
-        image_shape, default_batch = (16, 16, 3), 16
-        config.model.attention_resolutions = (8,)
-    elif name == "tiny8":
-        image_shape, default_batch = (8, 8, 1), 16
-        config.model = load_config("tiny").model
-    else:
-        raise ValueError(f"name: expected one of {NETWORKS}, got {name!r}")
-    batch = default_batch if batch is None else int(batch)
+    config = make_net_config(name)
+    image_shape = IMAGE_SHAPES[name]
+    batch = config.data.batch_size if batch is None else int(batch)
     config.data.batch_size = batch
     model = UNet.from_config(config.model)
     params = init_params(model, image_shape, jax.random.key(seed))
@@ -200,6 +207,7 @@ def machine_info() -> dict:
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
         "cpu_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "loadavg_start": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
@@ -240,6 +248,8 @@ def header(title: str, command: str, info: dict) -> str:
         f"### {title}\n\n"
         f"Command: `{command}`  \n"
         f"Date: {info['date']}; jax {info['jax']} (flax {info['flax']}), backend {info['backend']}, "
-        f"{info['cpu_cores']} CPU cores ({info['machine']}), Python {info['python']}; "
+        f"{info['cpu_cores']} CPU cores ({info['machine']})"
+        + (f", this process pinned to {info['usable_cores']}" if info["usable_cores"] != info["cpu_cores"] else "")
+        + f", Python {info['python']}; "
         f"load average at start {info['loadavg_start']}, at end {loadavg()}.\n"
     )

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 
 import jdiff
-from jdiff import guidance
-
 from benchmarks import common
+from jdiff import guidance
 
 STEPS = 50
 W = 2.0

@@ -32,11 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jdiff
+from benchmarks import common
 from jdiff import samplers
 from jdiff.schedules import respace, space_timesteps
 from jdiff.train.generate import model_fn_for
-
-from benchmarks import common
 
 STEPS = 100
 BAR = 1.05

@@ -31,10 +31,14 @@ import time
 def main() -> None:
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
-    import numpy as np
-    import torch
     import diffusers
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+    import torch
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        UNet2DModel,
+    )
 
     state: dict = {}
 
@@ -55,7 +59,7 @@ def main() -> None:
             B = int(msg["batch"])
             unet = UNet2DModel(**msg["unet"]).eval()
             num_classes = int(msg["unet"]["num_class_embeds"]) - 1  # the last row is the null class
-            common = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+            common = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "epsilon"}
             state.update(
                 unet=unet, B=B, shape=(B, C, H, W), null=num_classes,
                 labels=torch.arange(B) % num_classes,

@@ -23,12 +23,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import common
 from jdiff import diffusion
 from jdiff.train.loop import _apply_fn
 from jdiff.train.state import create_train_state, make_optimizer
 from jdiff.train.step import make_train_step
-
-from benchmarks import common
 
 BAR = 1.10
 

@@ -43,21 +43,21 @@ _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}={os.cpu_count()}".strip()
 
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import json
+import subprocess
+import sys
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import jdiff  # noqa: E402
-from jdiff import parallel  # noqa: E402
-from jdiff.models.layers import norm_groups  # noqa: E402
-from jdiff.train.generate import model_fn_for  # noqa: E402
-from jdiff.train.loop import _apply_fn  # noqa: E402
-from jdiff.train.state import create_train_state, make_optimizer  # noqa: E402
-from jdiff.train.step import make_train_step  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from benchmarks import common  # noqa: E402
+import jdiff
+from benchmarks import common
+from jdiff import parallel
+from jdiff.models.layers import norm_groups
+from jdiff.train.generate import model_fn_for
+from jdiff.train.loop import _apply_fn
+from jdiff.train.state import create_train_state, make_optimizer
+from jdiff.train.step import make_train_step
 
 W = 2.0
 METHODS = (("ddpm", "ddpm", 100), ("ddim", "ddim", 50), ("dpm_solver++", "dpmpp", 20))  # (jdiff, worker, steps)
@@ -71,15 +71,15 @@ def diffusers_unet_kwargs(net: common.Net) -> dict:
     channels = [m.base_channels * k for k in m.channel_mult]
     attn = [H // 2**level in m.attention_resolutions for level in range(len(channels))]
     heads_at = [c for c, a in zip(channels, attn) if a] or [channels[-1]]
-    return dict(
-        sample_size=H, in_channels=C, out_channels=C, layers_per_block=m.num_res_blocks,
-        block_out_channels=channels,
-        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        attention_head_dim=heads_at[0] // m.num_heads,  # diffusers takes the head size, jdiff the count
-        norm_num_groups=norm_groups(m.base_channels),  # one count for all layers; jdiff's divides each
-        num_class_embeds=m.num_classes + 1, dropout=m.dropout, add_attention=m.mid_attention,
-    )
+    return {
+        "sample_size": H, "in_channels": C, "out_channels": C, "layers_per_block": m.num_res_blocks,
+        "block_out_channels": channels,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "attention_head_dim": heads_at[0] // m.num_heads,  # diffusers takes the head size, jdiff the count
+        "norm_num_groups": norm_groups(m.base_channels),  # one count for all layers; jdiff's divides each
+        "num_class_embeds": m.num_classes + 1, "dropout": m.dropout, "add_attention": m.mid_attention,
+    }
 
 
 class TorchWorker:
@@ -167,6 +167,14 @@ def _cases(net: common.Net, worker: TorchWorker, train_steps: int) -> dict:
     return cases
 
 
+def _row(times: dict, prefixes: list, label: str, tag: str, per_rep: int) -> list:
+    """Throughputs (per_rep items per repetition) of each jdiff placement and of diffusers, then
+    the speed-up of each placement (median of per-round diffusers time / jdiff time)."""
+    tt = times[f"diffusers_{tag}"]
+    r = [label] + [per_rep / common.median(times[f"{p}_{tag}"]) for p in prefixes] + [per_rep / common.median(tt)]
+    return r + [common.paired_ratio(tt, times[f"{p}_{tag}"]) for p in prefixes]
+
+
 def run(nets, reps: int, torch_python: str, threads: int, train_steps: int) -> tuple[str, dict]:
     info = common.machine_info()
     sections, raw = [], {"machine": info, "nets": {}}
@@ -184,17 +192,12 @@ def run(nets, reps: int, torch_python: str, threads: int, train_steps: int) -> t
         prefixes = list(_placements(net))
         rows = []
 
-        def row(label, tag, per_rep):
-            tt = times[f"diffusers_{tag}"]
-            r = [label] + [per_rep / common.median(times[f"{p}_{tag}"]) for p in prefixes] + [per_rep / common.median(tt)]
-            return r + [common.paired_ratio(tt, times[f"{p}_{tag}"]) for p in prefixes]
-
         for guided in (False, True):
             for jname, wname, steps in METHODS:
                 label = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)"}[wname]
-                rows.append(row(f"{label} {steps} steps" + (f", CFG w={W:g}" if guided else ""),
-                                f"{wname}{steps}" + ("_cfg" if guided else ""), net.batch))
-        rows.append(row(f"training step (examples/s), {train_steps} steps per repetition", "train", net.batch * train_steps))
+                rows.append(_row(times, prefixes, f"{label} {steps} steps" + (f", CFG w={W:g}" if guided else ""),
+                                 f"{wname}{steps}" + ("_cfg" if guided else ""), net.batch))
+        rows.append(_row(times, prefixes, f"training step (examples/s), {train_steps} steps per repetition", "train", net.batch * train_steps))
         names = {"jdiff": "jdiff, 1 device"} | {p: f"jdiff, {len(jax.devices())} CPU devices" for p in prefixes[1:]}
         columns = (["workload"] + [f"{names[p]} /s" for p in prefixes] + ["diffusers /s"]
                    + [f"speed-up, {names[p]} (x)" for p in prefixes])
