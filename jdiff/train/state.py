@@ -54,5 +54,5 @@ def create_train_state(params, optimizer: optax.GradientTransformation, key: jax
         params=params,
         ema_params=jax.tree.map(jnp.array, params),
         opt_state=optimizer.init(params),
-        rng=jax.random.key_data(key),
+        rng=jnp.array(jax.random.key_data(key)),  # a copy: train_step donates the state
     )
