@@ -89,7 +89,7 @@ def _perturb(params, key):
 
 
 def _apply(model, params, x, t, y, train=False, rngs=None):
-    return model.apply({"params": params}, x, t, y=y, train=train, rngs=rngs)
+    return model.apply({"params": params}, x, t, None if y is None else {"label": y}, train=train, rngs=rngs)
 
 
 NETWORKS = ("digits8", "rgb16", "tiny8")

@@ -31,7 +31,7 @@ BAR = 2.05
 
 
 def _conditional(model, params, x, t, y):
-    return model.apply({"params": params}, x, t, y=y)
+    return model.apply({"params": params}, x, t, {"label": y})
 
 
 def _cases(net: common.Net) -> dict:

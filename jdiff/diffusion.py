@@ -30,6 +30,8 @@ __all__ = [
     "score_from_eps",
     "eps_from_score",
     "to_x0_eps",
+    "x0_eps_from_output",
+    "output_from_eps",
     "threshold_x0",
     "MeanVariance",
     "p_mean_variance",
@@ -168,6 +170,37 @@ def to_x0_eps(schedule: Schedule, output: jax.Array, xt: jax.Array, t: jax.Array
     if parameterization == "score":
         eps = eps_from_score(schedule, t, output)
         return predict_x0(schedule, xt, t, eps), eps
+    raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
+
+
+def x0_eps_from_output(output: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array, parameterization: str = "eps"):
+    """(x0, eps) from a network output at x = alpha x0 + sigma eps, for any process (alpha, sigma
+    broadcast to x). v = alpha eps - sigma x0 (Salimans & Ho 2022, sec. 4; exact also when
+    alpha^2 + sigma^2 != 1), score = -eps / sigma."""
+    if parameterization == "eps":
+        return (x - sigma * output) / alpha, output
+    if parameterization == "x0":
+        return output, (x - alpha * output) / sigma
+    if parameterization == "v":
+        norm = alpha**2 + sigma**2  # 1 for a variance-preserving process
+        return (alpha * x - sigma * output) / norm, (sigma * x + alpha * output) / norm
+    if parameterization == "score":
+        eps = -sigma * output
+        return (x - sigma * eps) / alpha, eps
+    raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
+
+
+def output_from_eps(eps: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array, parameterization: str = "eps"):
+    """The inverse of :func:`x0_eps_from_output`: the network output that implies this eps at x."""
+    if parameterization == "eps":
+        return eps
+    if parameterization == "score":
+        return -eps / sigma
+    x0 = (x - sigma * eps) / alpha
+    if parameterization == "x0":
+        return x0
+    if parameterization == "v":
+        return alpha * eps - sigma * x0
     raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
 
 

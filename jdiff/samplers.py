@@ -1,20 +1,40 @@
-"""Reverse processes: one pure step per sampler and one ``lax.scan`` loop that runs any of them.
+"""Reverse processes: one pure step per sampler, a public registry of them, and one ``lax.scan``.
 
-Every sampler takes ``model_fn(x_t, t) -> output`` where ``t`` is the trained model's timestep
-([B] int32) and ``output`` is in the ``parameterization`` the model was trained with. The loop
-calls the network exactly once per step; all time bookkeeping is precomputed in NumPy.
+Every sampler runs on a *process* (:class:`jdiff.schedules.Process`: the discrete
+:class:`~jdiff.schedules.Schedule` or a continuous one such as
+:class:`~jdiff.schedules.ContinuousVP`), which gives (alpha_t, sigma_t) at each step's time,
+and calls ``model_fn(x_t, t)`` (or ``model_fn(x_t, t, cond)``) where ``t`` is the time the
+network was trained with and the output is in the ``parameterization`` it was trained with.
 
-Step functions (pure; shapes ``x_t: [B, ...]``, ``t: [B]`` int32):
-  ``ddpm_step``   ancestral sampling (Ho et al. 2020, Algorithm 2; improved DDPM variances),
-  ``ddim_step``   DDIM with any eta between any two timesteps (Song et al. 2021a, eq. 12),
-  ``euler_maruyama_step`` / ``ode_step`` the VP-SDE's reverse SDE and probability-flow ODE
-                  (Song et al. 2021b, eqs. 6 and 13) discretized on the schedule,
-  ``dpm_solver_step``  DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), multistep history in the carry.
+The loop (:func:`sample`) walks an explicit time sequence ``times[0] -> times[1] -> ...``:
+  * a backward pair (t -> t' earlier) is one step of the chosen sampler;
+  * a forward pair (t -> t' later) re-noises with q(x_t' | x_t) (no network call): RePaint's
+    resampling jumps;
+  * it may start anywhere (``x`` given at ``times[0]``): SDEdit starts at t0;
+  * after every step a ``hook(x, info)`` may edit x (RePaint's known-pixel replacement, a
+    projection, classifier guidance's mean shift), inside the same scan.
+One ``lax.scan`` inside one ``jit`` whatever the sequence, the sampler, the guidance or the hook;
+the times are traced data, so a new sequence of the same length does not recompile.
+
+Step functions in the registry (:func:`register`, :data:`METHODS`) share one signature,
+``step(process, denoise, x, step: Step, state, options) -> StepResult``; multistep history
+(DPM-Solver++'s previous x_0) is the ``state`` of the sampler that needs it. Built in:
+  ``ddpm``           ancestral sampling on any chain (Ho et al. 2020, Alg. 2; improved DDPM variances
+                     on respaced chains, Nichol & Dhariwal 2021, sec. 4),
+  ``ddim``           DDIM with any eta (Song et al. 2021a, eqs. 12 and 16),
+  ``euler_maruyama`` / ``ode``  reverse SDE and probability-flow ODE (Song et al. 2021b, eqs. 6, 13),
+  ``dpm_solver++``   DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2),
+  ``ddim_inverse``   the deterministic DDIM map run forwards (data -> noise), see :func:`ddim_invert`.
+
+The single-step public functions (``ddpm_step``, ``ddim_step``, ...) take a discrete schedule and
+integer timesteps, for users who write their own loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import types
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -22,8 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdiff import diffusion
-from jdiff.diffusion import check_timesteps, extract, threshold_x0, to_x0_eps
-from jdiff.schedules import Schedule, respace, space_timesteps
+from jdiff.diffusion import check_timesteps, threshold_x0
+from jdiff.schedules import Schedule, space_timesteps
 
 __all__ = [
     "ddpm_step",
@@ -35,27 +55,90 @@ __all__ = [
     "ddim_invert",
     "SampleOutput",
     "METHODS",
+    "SPACINGS",
     "timestep_pairs",
+    "time_sequence",
+    "register",
+    "Sampler",
+    "Step",
+    "StepResult",
+    "StepInfo",
+    "Prediction",
+    "SamplerOptions",
+    "DPMSolverState",
 ]
 
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+ModelFn = Callable[..., jax.Array]
 
 
 # ---------------------------------------------------------------------------
-# Per-step coefficients. ``t_prev = -1`` stands for the clean data (abar = 1).
+# Updates in (alpha, sigma) form: shared by the single-step functions and the registry.
 # ---------------------------------------------------------------------------
 
 
-def _padded(coef: jax.Array, at_data: float) -> jax.Array:
-    return jnp.concatenate([coef, jnp.full((1,), at_data, coef.dtype)])
+def _bcast(a, x: jax.Array) -> jax.Array:
+    a = jnp.asarray(a, x.dtype)
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
-def _alpha_sigma(schedule: Schedule, t: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sqrt(abar_t), sqrt(1 - abar_t)) broadcast to x, from the float64-derived tables
-    (1 - abar in float32 would cancel near t = 0), with (1, 0) at t = -1."""
-    idx = jnp.where(jnp.asarray(t) < 0, schedule.num_timesteps, t)
-    return (extract(_padded(schedule.sqrt_alphas_cumprod, 1.0), idx, x),
-            extract(_padded(schedule.sqrt_one_minus_alphas_cumprod, 0.0), idx, x))
+def _posterior_fraction(log_snr_t, log_snr_next):
+    """1 - r with r = exp(lambda_t - lambda_next) = alpha_t^2 sigma_next^2 / (alpha_next^2 sigma_t^2):
+    the fraction of sigma_next^2 that the posterior q(x_next | x_t, x_0) leaves as noise, computed
+    without cancellation for short steps (1 at the data, where lambda_next = inf)."""
+    return -jnp.expm1(log_snr_t - log_snr_next)
+
+
+def _ancestral_update(alpha_t, sigma_t, alpha_n, sigma_n, lam_t, lam_n, x0, x, var_out, variance: str, noise):
+    """One ancestral step x_t -> x_next ~ p(x_next | x_t) = q(x_next | x_t, x0_hat) with a chosen variance.
+
+    Posterior (any pair of times, DDPM eq. 7 generalised; Kingma et al. 2021, eq. 31):
+    mean = r (alpha_n / alpha_t) x_t + alpha_n (1 - r) x0, r = exp(lambda_t - lambda_n);
+    fixed_small: beta_tilde = sigma_n^2 (1 - r); fixed_large: beta = sigma_t^2 (1 - r) (the
+    forward variance of the step, 1 - abar_t / abar_n for VP); learned_range:
+    exp(v' log beta + (1 - v') log beta_tilde), v' = (v + 1) / 2 (improved DDPM eq. 15);
+    learned: exp(v). No noise is added on a step to the data (sigma_n = 0).
+    Returns (x_next, variance of the added noise).
+    """
+    frac = _posterior_fraction(lam_t, lam_n)
+    ratio = jnp.exp(lam_t - lam_n)
+    mean = ratio * (alpha_n / alpha_t) * x + alpha_n * frac * x0
+    to_data = sigma_n <= 0
+    if variance == "fixed_small":
+        var = sigma_n**2 * frac
+    elif variance == "fixed_large":
+        var = sigma_t**2 * frac
+    else:
+        if variance == "learned_range":
+            log_small = jnp.log(jnp.where(to_data, 1.0, sigma_n**2 * frac))
+            v = (var_out + 1.0) / 2.0
+            log_var = v * jnp.log(sigma_t**2 * frac) + (1.0 - v) * log_small
+        else:  # "learned": the network's log-variance itself
+            log_var = var_out
+        var = jnp.exp(log_var)
+    var = jnp.where(to_data, 0.0, var)
+    return mean + jnp.sqrt(var) * noise, var
+
+
+def _ddim_update(alpha_t, sigma_t, alpha_n, sigma_n, lam_t, lam_n, x0, eps, eta, noise):
+    """DDIM (Song et al. 2021a, eq. 12): x_next = alpha_n x0 + sqrt(sigma_n^2 - s^2) eps + s z with
+    s^2 = eta^2 sigma_n^2 (1 - exp(lambda_t - lambda_n)), eq. 16's
+    eta^2 (1 - abar_n) / (1 - abar_t) (1 - abar_t / abar_n) for a VP process."""
+    s2 = eta**2 * sigma_n**2 * _posterior_fraction(lam_t, lam_n)
+    return alpha_n * x0 + jnp.sqrt(jnp.maximum(sigma_n**2 - s2, 0.0)) * eps + jnp.sqrt(s2) * noise, s2
+
+
+def _noise(key: jax.Array, x: jax.Array) -> jax.Array:
+    return jax.random.normal(key, x.shape, x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Single-step functions on a discrete schedule (integer timesteps; -1 = the data).
+# ---------------------------------------------------------------------------
+
+
+def _coefs(schedule: Schedule, t, x):
+    alpha, sigma = schedule.alpha_sigma(t)
+    return _bcast(alpha, x), _bcast(sigma, x), _bcast(schedule.log_snr(t), x)
 
 
 def _check_pair(schedule: Schedule, t, t_prev, x) -> None:
@@ -67,10 +150,6 @@ def _check_pair(schedule: Schedule, t, t_prev, x) -> None:
             raise ValueError(f"t_prev: expected timesteps in [-1, {schedule.num_timesteps}) (-1 = clean data), got {tp}")
         if np.any(np.broadcast_to(tp, np.broadcast_shapes(tp.shape, tt.shape)) >= tt):
             raise ValueError(f"t_prev: expected t_prev < t (a reverse step), got t={tt}, t_prev={tp}")
-
-
-def _noise(key: jax.Array, x: jax.Array) -> jax.Array:
-    return jax.random.normal(key, x.shape, x.dtype)
 
 
 def ddpm_step(
@@ -87,25 +166,18 @@ def ddpm_step(
 
     x_{t-1} = mu_theta(x_t, t) + sigma_t z with z ~ N(0, I) for t > 0 and z = 0 at t = 0.
     ``variance``: fixed_small (beta_tilde), fixed_large (beta), learned_range, learned.
+    Shapes: ``xt [B, ...]``, ``t [B]`` int, ``model_output`` like xt (2C channels if learned).
     """
-    pmv = diffusion.p_mean_variance(schedule, model_output, xt, t, parameterization, variance, clip=clip)
-    return _ddpm_update(pmv, t, _noise(key, xt))
-
-
-def _ddpm_update(pmv: diffusion.MeanVariance, t, noise):
-    nonzero = (jnp.asarray(t) > 0).astype(noise.dtype)
-    nonzero = nonzero.reshape(nonzero.shape + (1,) * (noise.ndim - nonzero.ndim))
-    return pmv.mean + nonzero * jnp.exp(0.5 * pmv.log_variance) * noise
-
-
-def _ddim_update(schedule, x0, eps, xt, t, t_prev, eta, noise):
-    alpha_p, sigma_p = _alpha_sigma(schedule, t_prev, xt)
-    alpha_t, sigma_t = _alpha_sigma(schedule, t, xt)
-    # 1 - abar_t / abar_prev, without cancellation for short steps.
-    one_minus_ratio = -jnp.expm1(2.0 * (jnp.log(alpha_t) - jnp.log(alpha_p)))
-    sigma = eta * (sigma_p / sigma_t) * jnp.sqrt(one_minus_ratio)
-    dir_xt = jnp.sqrt(jnp.maximum(sigma_p**2 - sigma**2, 0.0)) * eps
-    return alpha_p * x0 + dir_xt + sigma * noise
+    check_timesteps(schedule, t, xt)
+    pred, var_out = diffusion.split_variance_output(model_output, variance)
+    if pred.shape != xt.shape:
+        raise ValueError(f"model_output: expected prediction shape {tuple(xt.shape)} (like x_t), got {tuple(pred.shape)}")
+    t = jnp.asarray(t)
+    a_t, s_t, l_t = _coefs(schedule, t, xt)
+    a_n, s_n, l_n = _coefs(schedule, t - 1, xt)
+    x0, _ = diffusion.x0_eps_from_output(pred, xt, a_t, s_t, parameterization)
+    x0 = threshold_x0(x0, clip)
+    return _ancestral_update(a_t, s_t, a_n, s_n, l_t, l_n, x0, xt, var_out, variance, _noise(key, xt))[0]
 
 
 def ddim_step(
@@ -128,16 +200,21 @@ def ddim_step(
     _check_pair(schedule, t, t_prev, xt)
     if not isinstance(eta, jax.core.Tracer) and not float(eta) >= 0:
         raise ValueError(f"eta: expected a non-negative float, got {eta}")
-    x0 = diffusion.predict_x0(schedule, xt, t, eps)
+    a_t, s_t, l_t = _coefs(schedule, t, xt)
+    a_n, s_n, l_n = _coefs(schedule, t_prev, xt)
+    x0 = (xt - s_t * eps) / a_t
     if clip is not None:
         x0 = threshold_x0(x0, clip)
-        eps = diffusion.predict_eps(schedule, xt, t, x0)
-    return _ddim_update(schedule, x0, eps, xt, t, t_prev, eta, _noise(key, xt))
+        eps = (xt - a_t * x0) / s_t
+    return _ddim_update(a_t, s_t, a_n, s_n, l_t, l_n, x0, eps, eta, _noise(key, xt))[0]
 
 
-def _vp_increment(schedule, t, t_prev, x):
-    """Integrated beta over (t_prev, t]: int beta(s) ds = log(abar_prev / abar_t)."""
-    return 2.0 * (jnp.log(_alpha_sigma(schedule, t_prev, x)[0]) - jnp.log(_alpha_sigma(schedule, t, x)[0]))
+def _sde_update(process, t, t_next, x, eps, sigma_t, noise, ode: bool):
+    int_f, int_g2 = (_bcast(v, x) for v in process.sde_increments(t, t_next))
+    score = -eps / sigma_t
+    if ode:  # dx = [f x - g^2 / 2 score] dt, backwards
+        return x - int_f * x + 0.5 * int_g2 * score
+    return x - int_f * x + int_g2 * score + jnp.sqrt(jnp.maximum(int_g2, 0.0)) * noise
 
 
 def euler_maruyama_step(schedule: Schedule, eps: jax.Array, xt: jax.Array, t, t_prev, key, last: bool | jax.Array = False):
@@ -148,19 +225,17 @@ def euler_maruyama_step(schedule: Schedule, eps: jax.Array, xt: jax.Array, t, t_
     x_prev = x + (x/2 + score) dB + sqrt(dB) z, score = -eps / sqrt(1 - abar_t).
     The last step (``last``) adds no noise, as the reference predictor does.
     """
-    dB = _vp_increment(schedule, t, t_prev, xt)
-    score = -eps / _alpha_sigma(schedule, t, xt)[1]
+    _, s_t, _ = _coefs(schedule, t, xt)
     last = jnp.asarray(last)
-    noise_scale = jnp.where(last.reshape(last.shape + (1,) * (xt.ndim - last.ndim)), 0.0, jnp.sqrt(dB))
-    return xt + (0.5 * xt + score) * dB + noise_scale * _noise(key, xt)
+    noise = jnp.where(_bcast(last, xt) > 0, 0.0, _noise(key, xt))
+    return _sde_update(schedule, t, t_prev, xt, eps, s_t, noise, ode=False)
 
 
 def ode_step(schedule: Schedule, eps: jax.Array, xt: jax.Array, t, t_prev):
     """Probability-flow ODE of the VP-SDE, one Euler step (Song et al. 2021b, eq. 13):
     dx/dt = -beta/2 (x + score); backwards over dB: x_prev = x + (x + score) dB / 2."""
-    dB = _vp_increment(schedule, t, t_prev, xt)
-    score = -eps / _alpha_sigma(schedule, t, xt)[1]
-    return xt + 0.5 * (xt + score) * dB
+    _, s_t, _ = _coefs(schedule, t, xt)
+    return _sde_update(schedule, t, t_prev, xt, eps, s_t, None, ode=True)
 
 
 class DPMSolverState(NamedTuple):
@@ -168,6 +243,16 @@ class DPMSolverState(NamedTuple):
 
     x0_prev: jax.Array
     h_prev: jax.Array
+
+
+def _dpm_solver_update(alpha_t, sigma_t, alpha_n, sigma_n, x0, xt, state: DPMSolverState, first_order):
+    # e^{-h} = (sigma_n / alpha_n) / (sigma_t / alpha_t): finite (0) when stepping to the data.
+    exp_neg_h = (sigma_n * alpha_t) / (alpha_n * sigma_t)
+    h = -jnp.log(exp_neg_h)
+    r = jnp.where(first_order, 1.0, state.h_prev / jnp.where(first_order, 1.0, h))
+    D = jnp.where(first_order, x0, (1.0 + 0.5 / r) * x0 - (0.5 / r) * state.x0_prev)
+    x_next = (sigma_n / sigma_t) * xt - alpha_n * (exp_neg_h - 1.0) * D
+    return x_next, DPMSolverState(x0_prev=x0, h_prev=h)
 
 
 def dpm_solver_step(schedule: Schedule, x0: jax.Array, xt: jax.Array, t, t_prev, state: DPMSolverState, first_order):
@@ -179,22 +264,223 @@ def dpm_solver_step(schedule: Schedule, x0: jax.Array, xt: jax.Array, t, t_prev,
     ``first_order`` is used at the first step (no history) and at the last step to the data
     (h = inf there; the update then returns D itself). Returns (x_prev, new state).
     """
-    alpha_t, sigma_t = _alpha_sigma(schedule, t, xt)
-    alpha_p, sigma_p = _alpha_sigma(schedule, t_prev, xt)
-    # e^{-h} = (sigma_p / alpha_p) / (sigma_t / alpha_t): finite (0) when stepping to the data.
-    exp_neg_h = (sigma_p * alpha_t) / (alpha_p * sigma_t)
-    h = -jnp.log(exp_neg_h)
-    r = jnp.where(first_order, 1.0, state.h_prev / jnp.where(first_order, 1.0, h))
-    D = jnp.where(first_order, x0, (1.0 + 0.5 / r) * x0 - (0.5 / r) * state.x0_prev)
-    x_prev = (sigma_p / sigma_t) * xt - alpha_p * (exp_neg_h - 1.0) * D
-    return x_prev, DPMSolverState(x0_prev=x0, h_prev=h)
+    a_t, s_t, _ = _coefs(schedule, t, xt)
+    a_n, s_n, _ = _coefs(schedule, t_prev, xt)
+    return _dpm_solver_update(a_t, s_t, a_n, s_n, x0, xt, state, first_order)
 
 
 # ---------------------------------------------------------------------------
-# The loop.
+# The registry.
 # ---------------------------------------------------------------------------
 
+
+class Prediction(NamedTuple):
+    """What the network says at (x, t): x_0 and eps (thresholded if ``clip``), and the raw
+    variance channels of a learned-variance output (None otherwise)."""
+
+    x0: jax.Array
+    eps: jax.Array
+    var_out: jax.Array | None
+
+
+class Step(NamedTuple):
+    """One step of the loop, as a sampler's step function sees it (all traced).
+
+    t, t_next: process times ([], the step goes t -> t_next); alpha, sigma, log_snr at t and
+    alpha_next, sigma_next, log_snr_next at t_next, broadcast to x's rank; key: this step's
+    PRNG key; index: the step's position in the sequence; fresh: True when there is no usable
+    history (the first step, the step after a forward jump, the step to the data); last: the
+    final step of the sequence.
+    """
+
+    t: jax.Array
+    t_next: jax.Array
+    alpha: jax.Array
+    sigma: jax.Array
+    log_snr: jax.Array
+    alpha_next: jax.Array
+    sigma_next: jax.Array
+    log_snr_next: jax.Array
+    key: jax.Array
+    index: jax.Array
+    fresh: jax.Array
+    last: jax.Array
+
+
+class StepResult(NamedTuple):
+    """A step's output: the new x at t_next, the x_0 prediction used, the variance of the
+    Gaussian noise the step added (0 for deterministic steps; classifier guidance's DDPM form
+    shifts the mean by scale * variance * grad), and the sampler's new state."""
+
+    x: jax.Array
+    pred_x0: jax.Array
+    variance: jax.Array
+    state: Any
+
+
+class StepInfo(NamedTuple):
+    """What a hook receives after each step: ``x_prev`` at ``t`` went to the new x at ``t_next``.
+
+    t, t_next: process times; model_t: ``process.model_time(t)`` broadcast to [B] (what the
+    network was called with); pred_x0: the step's x_0 prediction (x_prev on a forward step);
+    variance: of the noise the step added; key: a key for the hook (independent of the step's);
+    index; forward: whether the step re-noised (t_next > t); last: the final step.
+    """
+
+    x_prev: jax.Array
+    t: jax.Array
+    t_next: jax.Array
+    model_t: jax.Array
+    pred_x0: jax.Array
+    variance: jax.Array
+    key: jax.Array
+    index: jax.Array
+    forward: jax.Array
+    last: jax.Array
+
+
+class SamplerOptions(NamedTuple):
+    """Static options of :func:`sample`, passed to every step function (each reads what it uses)."""
+
+    eta: float = 0.0
+    variance: str = "fixed_small"
+    parameterization: str = "eps"
+    clip: Any = None
+    inverse_iterations: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A registered sampler.
+
+    step: ``step(process, denoise, x, step: Step, state, options: SamplerOptions) -> StepResult``,
+      where ``denoise(x, time) -> Prediction`` calls the network once at process time ``time``.
+    init_state: ``init_state(x) -> state`` (a pytree carried through the scan; () for none).
+    direction: "reverse" (from noise to data; forward pairs in a sequence re-noise) or "forward"
+      (from data to noise, e.g. DDIM inversion: every pair goes forward).
+    options: names of :func:`sample` keyword options the sampler reads ("eta", "variance"); giving
+      another sampler's option raises instead of being ignored.
+    default_spacing: the spacing of its time sequences when the caller gives none.
+    """
+
+    name: str
+    step: Callable
+    init_state: Callable = lambda x: ()
+    direction: str = "reverse"
+    options: tuple = ()
+    default_spacing: str = "uniform"
+
+
+_REGISTRY: dict[str, Sampler] = {}
+SPACINGS = ("uniform", "quadratic", "logsnr")
+
+
+def register(
+    name: str,
+    step: Callable,
+    *,
+    init_state: Callable | None = None,
+    direction: str = "reverse",
+    options: tuple = (),
+    default_spacing: str = "uniform",
+    overwrite: bool = False,
+) -> Sampler:
+    """Add a sampler that :func:`sample` runs as ``method=name`` in the same scan, with the same
+    guidance wrappers, hooks, conditioning and sharding as the built-in ones.
+
+    ``step(process, denoise, x, step, state, options) -> StepResult``: see :class:`Sampler`,
+    :class:`Step` and :class:`StepResult`; ``denoise(x, time) -> Prediction`` evaluates the
+    network (each call is one network evaluation, so a 2nd-order method may call it twice).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"name: a sampler {name!r} is already registered (pass overwrite=True to replace it)")
+    if not callable(step):
+        raise ValueError(f"step: expected a callable, got {type(step).__name__}")
+    if direction not in ("reverse", "forward"):
+        raise ValueError(f"direction: expected 'reverse' or 'forward', got {direction!r}")
+    unknown = [o for o in options if o not in _OPTION_NAMES]
+    if unknown:
+        raise ValueError(f"options: expected names among {_OPTION_NAMES}, got {unknown}")
+    if default_spacing not in SPACINGS:
+        raise ValueError(f"default_spacing: expected one of {SPACINGS}, got {default_spacing!r}")
+    sampler = Sampler(name, step, init_state or (lambda x: ()), direction, tuple(options), default_spacing)
+    _REGISTRY[name] = sampler
+    return sampler
+
+
+_OPTION_NAMES = ("eta", "variance")
+
+
+def _step_ddpm(process, denoise, x, step: Step, state, opts: SamplerOptions) -> StepResult:
+    p = denoise(x, step.t)
+    x_new, var = _ancestral_update(step.alpha, step.sigma, step.alpha_next, step.sigma_next, step.log_snr,
+                                   step.log_snr_next, p.x0, x, p.var_out, opts.variance, _noise(step.key, x))
+    return StepResult(x_new, p.x0, var, state)
+
+
+def _step_ddim(process, denoise, x, step: Step, state, opts: SamplerOptions) -> StepResult:
+    p = denoise(x, step.t)
+    x_new, var = _ddim_update(step.alpha, step.sigma, step.alpha_next, step.sigma_next, step.log_snr,
+                              step.log_snr_next, p.x0, p.eps, opts.eta, _noise(step.key, x))
+    return StepResult(x_new, p.x0, var, state)
+
+
+def _step_sde(ode: bool):
+    def step_fn(process, denoise, x, step: Step, state, opts: SamplerOptions) -> StepResult:
+        p = denoise(x, step.t)
+        # The last step adds no noise, as the reference predictor does.
+        noise = jnp.where(step.last, 0.0, _noise(step.key, x)) if not ode else None
+        x_new = _sde_update(process, step.t, step.t_next, x, p.eps, step.sigma, noise, ode)
+        var = 0.0 if ode else jnp.where(step.last, 0.0, _bcast(process.sde_increments(step.t, step.t_next)[1], x))
+        return StepResult(x_new, p.x0, jnp.asarray(var, x.dtype), state)
+
+    return step_fn
+
+
+def _step_dpm_solver(process, denoise, x, step: Step, state: DPMSolverState, opts: SamplerOptions) -> StepResult:
+    p = denoise(x, step.t)
+    x_new, state = _dpm_solver_update(step.alpha, step.sigma, step.alpha_next, step.sigma_next, p.x0, x, state, step.fresh)
+    return StepResult(x_new, p.x0, jnp.zeros((), x.dtype), state)
+
+
+def _dpm_init(x):
+    return DPMSolverState(x0_prev=jnp.zeros_like(x), h_prev=jnp.ones((1,) * x.ndim, x.dtype))
+
+
+def _step_ddim_inverse(process, denoise, x, step: Step, state, opts: SamplerOptions) -> StepResult:
+    # x sits at t (the data on the first step). The reverse DDIM step from x_next lands on x when
+    # x_next = alpha_n (x - sigma_t e) / alpha_t + sigma_n e with e = eps(x_next, t_next): solved
+    # by fixed-point iteration from x_next = x, whose first iterate is the usual inversion
+    # eps(x_t, t_next) ~ eps(x_next, t_next) (Song et al. 2021a, sec. 4.3; cf. Pan et al. 2023).
+    def refine(_, x_next):
+        eps = denoise(x_next, step.t_next).eps
+        return step.alpha_next * (x - step.sigma * eps) / step.alpha + step.sigma_next * eps
+
+    x_next = jax.lax.fori_loop(0, opts.inverse_iterations, refine, x)
+    return StepResult(x_next, x, jnp.zeros((), x.dtype), state)
+
+
+register("ddpm", _step_ddpm, options=("variance",))
+register("ddim", _step_ddim, options=("eta",))
+register("euler_maruyama", _step_sde(ode=False))
+register("ode", _step_sde(ode=True))
+register("dpm_solver++", _step_dpm_solver, init_state=_dpm_init, default_spacing="quadratic")
+register("ddim_inverse", _step_ddim_inverse, direction="forward")
+
+#: The built-in methods (``jdiff.samplers.register`` adds more; ``available()`` lists all).
 METHODS = ("ddpm", "ddim", "euler_maruyama", "ode", "dpm_solver++")
+
+
+def available() -> tuple[str, ...]:
+    """Names of every registered reverse sampler (built-in and user-registered)."""
+    return tuple(n for n, s in _REGISTRY.items() if s.direction == "reverse")
+
+
+# ---------------------------------------------------------------------------
+# Time sequences.
+# ---------------------------------------------------------------------------
 
 
 class SampleOutput(NamedTuple):
@@ -205,24 +491,26 @@ class SampleOutput(NamedTuple):
     pred_x0: jax.Array | None = None
 
 
-SPACINGS = ("uniform", "quadratic", "logsnr")
-
-
 def timestep_pairs(schedule: Schedule, steps: int, spacing: str = "uniform") -> tuple[np.ndarray, np.ndarray]:
     """The (t, t_prev) pairs of a reverse pass with ``steps`` network calls: [steps] int32 each.
 
     Timesteps run from T-1 down to 0 and then to -1 (the data), spread ``uniform`` in t
-    (DDIM's linear skip), ``quadratic`` in t (DDIM sec. D.2, denser near the data) or
-    ``uniform in log-SNR`` (``logsnr``; DPM-Solver's recommendation, Lu et al. 2022 sec. 3.3).
-    Duplicates after rounding are dropped, so a schedule may yield fewer than ``steps``.
+    (DDIM's linear skip; the kept timesteps of improved DDPM's respacing), ``quadratic`` in t
+    (DDIM sec. D.2, denser near the data) or ``uniform in log-SNR`` (``logsnr``; DPM-Solver's
+    recommendation, Lu et al. 2022 sec. 3.3). Duplicates after rounding are dropped, so a
+    schedule may yield fewer than ``steps``.
     """
-    T = schedule.num_timesteps
+    return _spaced_pairs(np.asarray(schedule.betas, np.float64), steps, spacing)
+
+
+def _spaced_pairs(betas: np.ndarray, steps: int, spacing: str) -> tuple[np.ndarray, np.ndarray]:
+    T = len(betas)
     if spacing == "uniform":
         ts = space_timesteps(T, steps)
     elif spacing == "quadratic":
         ts = np.round(np.linspace(0.0, np.sqrt(T - 1), steps) ** 2).astype(np.int64)
     elif spacing == "logsnr":
-        ac = np.cumprod(1.0 - np.asarray(schedule.betas, np.float64))
+        ac = np.cumprod(1.0 - betas)
         log_snr = np.log(ac) - np.log1p(-ac)  # decreasing in t
         targets = np.linspace(log_snr[-1], log_snr[0], steps)
         ts = np.clip(np.searchsorted(-log_snr, -targets), 0, T - 1)
@@ -233,33 +521,236 @@ def timestep_pairs(schedule: Schedule, steps: int, spacing: str = "uniform") -> 
     return ts.astype(np.int32), np.append(ts[1:], -1).astype(np.int32)
 
 
-def _validate(method, schedule, steps, eta, variance, parameterization, spacing=None):
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    T = schedule.num_timesteps
-    if steps is not None and (not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T):
-        raise ValueError(f"steps: expected an int in [1, {T}] (the schedule's number of timesteps), got {steps!r}")
-    if isinstance(eta, jax.core.Tracer) or not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta: expected a finite non-negative Python float, got {eta!r}")
+def time_sequence(process, steps: int | None = None, spacing: str = "uniform", start: Any = None) -> np.ndarray:
+    """The default reverse time sequence of ``process``: [n + 1] times from the noise end (or
+    ``start``) to the data, for n = ``steps`` network calls.
+
+    Discrete schedules: :func:`timestep_pairs` (``start`` keeps only the indices <= start and
+    begins there). Continuous processes: ``steps`` (required) times from ``start`` (default 1)
+    to ``t_min``, ``uniform`` in t, ``quadratic`` in t (denser near the data) or uniform in
+    log-SNR (``logsnr``, by bisection on lambda(t)).
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
+    if isinstance(process, Schedule):
+        T = process.num_timesteps
+        top = T - 1 if start is None else int(start)
+        if not 0 <= top < T:
+            raise ValueError(f"start: expected a timestep in [0, {T}), got {start!r}")
+        n = top + 1 if steps is None else steps
+        if not isinstance(n, (int, np.integer)) or not 1 <= n <= top + 1:
+            raise ValueError(f"steps: expected an int in [1, {top + 1}] (the timesteps up to {top}), got {steps!r}")
+        # The same spacing on the sub-chain 0..top (SDEdit's t0 is its first time).
+        ts, _ = _spaced_pairs(np.asarray(process.betas, np.float64)[: top + 1], int(n), spacing)
+        return np.append(ts, -1).astype(np.int32)
+    if steps is None or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps: expected a positive int for a continuous process, got {steps!r}")
+    hi = 1.0 if start is None else float(start)
+    lo = float(getattr(process, "t_min", 0.0))
+    if not lo < hi <= 1.0:
+        raise ValueError(f"start: expected a time in ({lo}, 1], got {start!r}")
+    u = np.linspace(0.0, 1.0, int(steps) + 1)
+    if spacing == "uniform":
+        ts = hi - (hi - lo) * u
+    elif spacing == "quadratic":
+        ts = lo + (hi - lo) * (1.0 - u) ** 2
+    else:
+        with jax.ensure_compile_time_eval():
+            lam = lambda t: float(process.log_snr(jnp.float32(t)))  # noqa: E731
+            lam_hi, lam_lo = lam(hi), lam(lo)
+            targets = lam_hi + (lam_lo - lam_hi) * u
+            ts = []
+            for target in targets:  # lambda decreases in t: bisection
+                a, b = lo, hi
+                for _ in range(40):
+                    m = 0.5 * (a + b)
+                    a, b = (m, b) if lam(m) > target else (a, m)
+                ts.append(0.5 * (a + b))
+            ts = np.asarray(ts)
+            ts[0], ts[-1] = hi, lo
+    return ts.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Model functions as data: arrays are traced, the rest is the compiled program's identity.
+# ---------------------------------------------------------------------------
+
+
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or (isinstance(leaf, (float, int, complex)) and not isinstance(leaf, bool))
+
+
+class _ById:
+    """An unhashable static leaf, compared by identity."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+    def __eq__(self, other):
+        return isinstance(other, _ById) and other.obj is self.obj
+
+
+class _Closure(NamedTuple):
+    """A plain Python closure, taken apart: its code and the static parts of its captured cells.
+    Arrays the closure captures (params) become traced inputs, so two closures made by the same
+    code over different params share one compiled program, and no cache keeps the params alive."""
+
+    code: types.CodeType
+    globals: _ById
+    name: str
+    defaults: Any
+    cells: Any  # the flattened static structure of the cell contents
+
+
+def _static_leaf(leaf, dynamic: list, depth: int):
+    if isinstance(leaf, types.FunctionType) and leaf.__closure__ and depth < 8:
+        try:
+            contents = [c.cell_contents for c in leaf.__closure__]
+        except ValueError:  # an empty cell (a variable not yet bound): keep the function as it is
+            return _ById(leaf)
+        return _Closure(leaf.__code__, _ById(leaf.__globals__), leaf.__name__, _hashable(leaf.__defaults__),
+                        _flatten(contents, dynamic, depth + 1))
+    return _hashable(leaf)
+
+
+def _hashable(obj):
+    try:
+        hash(obj)
+    except TypeError:
+        return _ById(obj)
+    return obj
+
+
+def _flatten(tree, dynamic: list, depth: int = 0):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    static = []
+    for leaf in leaves:
+        if _is_array(leaf):
+            dynamic.append(leaf)
+            static.append(None)
+        else:
+            static.append(_static_leaf(leaf, dynamic, depth))
+    return treedef, tuple(static)
+
+
+def _unflatten(static, dynamic_iter):
+    treedef, leaves = static
+    out = []
+    for s in leaves:
+        if s is None:
+            out.append(next(dynamic_iter))
+        elif isinstance(s, _Closure):
+            cells = tuple(types.CellType(v) for v in _unflatten(s.cells, dynamic_iter))
+            defaults = s.defaults.obj if isinstance(s.defaults, _ById) else s.defaults
+            out.append(types.FunctionType(s.code, s.globals.obj, s.name, defaults, cells))
+        elif isinstance(s, _ById):
+            out.append(s.obj)
+        else:
+            out.append(s)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _split_model_fn(model_fn):
+    dynamic: list = []
+    static = _flatten(model_fn, dynamic)
+    return dynamic, static
+
+
+def _merge_model_fn(dynamic, static):
+    return _unflatten(static, iter(dynamic))
+
+
+@functools.lru_cache(maxsize=256)
+def _model_output_shape(static, avals, shape, cond_avals):
+    """Output shape of the model for these abstract inputs, cached: a model_fn rebuilt for every
+    call (new params, same network) is traced once. ``static`` holds no arrays (see _Closure)."""
+    dyn = [jax.ShapeDtypeStruct(*a) for a in avals]
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    t = jax.ShapeDtypeStruct((shape[0],), jnp.float32 if cond_avals[0] == "float" else jnp.int32)
+    cond_tree = cond_avals[1]
+    try:
+        if cond_tree is None:
+            out = jax.eval_shape(lambda d, x_, t_: _merge_model_fn(d, static)(x_, t_), dyn, x, t)
+        else:
+            treedef, cavals = cond_tree
+            cond = jax.tree_util.tree_unflatten(treedef, [jax.ShapeDtypeStruct(*a) for a in cavals])
+            out = jax.eval_shape(lambda d, x_, t_, c: _merge_model_fn(d, static)(x_, t_, c), dyn, x, t, cond)
+    except (TypeError, ValueError) as e:
+        return e
+    return tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+
+
+def _aval(a):
+    return (tuple(np.shape(a)), jnp.result_type(a))
+
+
+def _check_model_output(dynamic, static, shape, variance, time_kind, cond) -> None:
+    """Abstractly evaluate the model so a shape mismatch is reported before compiling."""
+    cond_avals = None
+    if cond is not None:
+        cleaves, ctree = jax.tree_util.tree_flatten(cond)
+        cond_avals = (ctree, tuple(_aval(c) for c in cleaves))
+    out = _model_output_shape(static, tuple(_aval(d) for d in dynamic), shape, (time_kind, cond_avals))
+    want = shape[:-1] + (2 * shape[-1],) if variance in ("learned_range", "learned") else shape
+    call = f"x_t of shape {shape} and t of shape ({shape[0]},)" + ("" if cond is None else " and cond")
+    if isinstance(out, Exception):
+        raise ValueError(f"model_fn: calling it with {call} failed: {out}") from out
+    if out != want:
+        raise ValueError(f"model_fn: expected an output of shape {want} for x_t of shape {shape} (variance={variance!r}), got {out}")
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+def _validate(method, process, steps, eta, variance, parameterization, spacing, timesteps):
+    if method not in _REGISTRY:
+        raise ValueError(f"method: expected one of {tuple(_REGISTRY)} (jdiff.samplers.register adds more), got {method!r}")
+    sampler = _REGISTRY[method]
+    if steps is not None and timesteps is not None:
+        raise ValueError("steps, timesteps: expected at most one of them (timesteps already fixes the number of steps)")
+    if isinstance(process, Schedule):
+        T = process.num_timesteps
+        if steps is not None and (not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T):
+            raise ValueError(f"steps: expected an int in [1, {T}] (the schedule's number of timesteps), got {steps!r}")
+    elif not hasattr(process, "alpha_sigma"):
+        raise ValueError(f"process: expected a jdiff.schedules.Schedule or a process with alpha_sigma(), got {type(process).__name__}")
+    if eta is not None:
+        if "eta" not in sampler.options:
+            raise ValueError(f"eta: method {method!r} has no eta (only samplers with an eta option, e.g. 'ddim'), got eta={eta!r}")
+        if isinstance(eta, jax.core.Tracer) or not (isinstance(eta, (int, float)) and np.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta: expected a finite non-negative Python float, got {eta!r}")
     if parameterization not in diffusion.PARAMETERIZATIONS:
         raise ValueError(f"parameterization: expected one of {diffusion.PARAMETERIZATIONS}, got {parameterization!r}")
     if variance not in diffusion.VARIANCE_TYPES:
         raise ValueError(f"variance: expected one of {diffusion.VARIANCE_TYPES}, got {variance!r}")
+    if variance == "fixed_large" and "variance" not in sampler.options:
+        raise ValueError(f"variance: 'fixed_large' applies only to ancestral sampling (method='ddpm'), got method={method!r}")
     if spacing is not None and spacing not in SPACINGS:
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
-    if variance == "fixed_large" and method != "ddpm":
-        raise ValueError(f"variance: 'fixed_large' applies only to method='ddpm', got method={method!r}")
+    if spacing is not None and timesteps is not None:
+        raise ValueError("spacing: expected None when explicit timesteps are given")
+    return sampler
 
 
 def sample(
     model_fn: ModelFn,
-    schedule: Schedule,
+    schedule,
     shape_or_xT: tuple[int, ...] | jax.Array,
     key: jax.Array,
     *,
     method: str = "ddpm",
     steps: int | None = None,
-    eta: float = 0.0,
+    timesteps: Any = None,
+    cond: Any = None,
+    hook: Callable | None = None,
+    eta: float | None = None,
     parameterization: str = "eps",
     variance: str = "fixed_small",
     clip: Any = None,
@@ -267,83 +758,101 @@ def sample(
     return_trajectory: bool = False,
     return_pred_x0: bool = False,
 ) -> jax.Array | SampleOutput:
-    """Draw samples with any reverse process, as one ``lax.scan`` inside one ``jit``.
+    """Draw samples with any registered reverse process, as one ``lax.scan`` inside one ``jit``.
 
     Args:
-      model_fn: ``(x_t [B, ...], t [B] int32) -> output`` in ``parameterization``
-        (``[B, ..., 2C]`` with a learned variance). Pass params as data, e.g.
-        ``jax.tree_util.Partial(apply_fn, params)``: its arrays are traced, so new params
-        never recompile. A plain closure also works (it is compiled once per closure), and
-        ``sample`` may be called inside the caller's own ``jit``.
-      schedule: the schedule the model was trained with.
-      shape_or_xT: the sample shape ``(B, ...)`` (x_T ~ N(0, I) drawn from ``key``) or x_T itself.
+      model_fn: ``(x_t [B, ...], t [B]) -> output`` (or ``(x_t, t, cond)`` when ``cond`` is given)
+        in ``parameterization`` (``[B, ..., 2C]`` with a learned variance); ``t`` is the time the
+        network was trained with (``process.model_time``). Pass params as data, e.g.
+        ``jax.tree_util.Partial(apply_fn, params)``; a plain closure works too: the arrays it
+        captures are taken out and traced, so closures over new params reuse the compiled loop.
+      schedule: the process: a :class:`~jdiff.schedules.Schedule` (the one the model was trained
+        with) or a continuous process such as :func:`jdiff.schedules.continuous_vp`.
+      shape_or_xT: the sample shape ``(B, ...)`` (x ~ N(0, I) at the first time, drawn from
+        ``key``) or the starting x itself, which sits at ``timesteps[0]`` (e.g. x_t0 for SDEdit).
       key: a PRNG key; step i draws its noise from ``fold_in(key, i)``.
-      method: ``ddpm`` (ancestral; ``steps`` respaces the schedule, improved DDPM sec. 4),
-        ``ddim`` (any ``eta``), ``euler_maruyama`` (reverse SDE), ``ode`` (probability flow,
-        Euler), ``dpm_solver++`` (2M; 10-25 steps).
-      steps: number of network calls (default: every timestep).
-      eta: DDIM's noise scale (0 deterministic, 1 DDPM-like).
+      method: a registered sampler (:data:`METHODS` and any added with :func:`register`): ``ddpm``
+        (ancestral on the chain the times give: respaced when ``steps`` < T, improved DDPM
+        sec. 4), ``ddim``, ``euler_maruyama``, ``ode``, ``dpm_solver++`` (2M; 10-25 steps).
+      steps: number of network calls of the default sequence (default: every timestep).
+      timesteps: an explicit time sequence instead of ``steps``: ``[n + 1]`` process times
+        (schedule indices with -1 = the data, or floats of a continuous process), visited in
+        order; a backward pair is a sampler step, a forward pair re-noises with q(x_t' | x_t).
+      cond: conditioning passed to ``model_fn`` as its third argument (a dict of arrays, e.g.
+        ``{"label": y}``), traced: new values reuse the compiled loop.
+      hook: ``hook(x, info: StepInfo) -> x`` run after every step inside the scan (a pytree such
+        as a ``jax.tree_util.Partial``, so its arrays are traced).
+      eta: DDIM's noise scale (0 deterministic, 1 DDPM-like); only for samplers with an eta.
       parameterization: what the network predicts: ``eps``, ``x0``, ``v`` or ``score``.
-      variance: ``fixed_small``, ``fixed_large``, ``learned_range`` or ``learned`` (DDPM only
-        uses it; other methods ignore a learned half of the output).
+      variance: ``fixed_small``, ``fixed_large``, ``learned_range`` or ``learned`` (ancestral
+        sampling uses it; other methods ignore a learned half of the output).
       clip: threshold for the predicted x_0 (None, True, a bound, or "dynamic").
-      spacing: where the timesteps of the non-ancestral methods fall: ``uniform``,
-        ``quadratic`` or ``logsnr`` (see :func:`timestep_pairs`); default ``quadratic`` for
-        ``dpm_solver++`` and ``uniform`` otherwise.
-      return_trajectory / return_pred_x0: also return x at every step / the x_0 predictions.
+      spacing: where the default sequence's times fall: ``uniform``, ``quadratic`` or ``logsnr``
+        (see :func:`time_sequence`); default ``quadratic`` for ``dpm_solver++``, else ``uniform``.
+      return_trajectory / return_pred_x0: also return x after every step / the x_0 predictions.
 
     Returns:
       The samples [B, ...], or a :class:`SampleOutput` when a per-step output is requested.
     """
-    _validate(method, schedule, steps, eta, variance, parameterization, spacing)
-    if spacing is None:
-        spacing = "quadratic" if method == "dpm_solver++" else "uniform"
-    T = schedule.num_timesteps
-    if method == "ddpm":
-        if steps is not None and steps < T:
-            # Ancestral sampling runs on the respaced chain, whose variances match its own
-            # steps (improved DDPM sec. 4); respacing needs concrete values, so it is done here.
-            schedule = respace(schedule, space_timesteps(T, steps))
-        ts = np.arange(schedule.num_timesteps - 1, -1, -1, dtype=np.int32)
-        ts_prev = ts - 1
+    sampler = _validate(method, schedule, steps, eta, variance, parameterization, spacing, timesteps)
+    if sampler.direction != "reverse":
+        raise ValueError(f"method: {method!r} runs forwards (data -> noise); use ddim_invert or a reverse sampler")
+    if timesteps is None:
+        times = time_sequence(schedule, steps, spacing or sampler.default_spacing)
     else:
-        ts, ts_prev = timestep_pairs(schedule, T if steps is None else steps, spacing)
-    out = _run(model_fn, schedule, shape_or_xT, key, method, ts, ts_prev, eta, parameterization, variance, clip,
-               return_trajectory, return_pred_x0)
+        times = schedule.check_times(np.asarray(timesteps), "timesteps")
+    opts = SamplerOptions(eta=0.0 if eta is None else float(eta), variance=variance, parameterization=parameterization, clip=clip)
+    out = _run(model_fn, schedule, shape_or_xT, key, sampler, times, opts, cond, hook, return_trajectory, return_pred_x0)
     return out if (return_trajectory or return_pred_x0) else out.samples
 
 
 def ddim_invert(
     model_fn: ModelFn,
-    schedule: Schedule,
+    schedule,
     x0: jax.Array,
     *,
     steps: int | None = None,
+    timesteps: Any = None,
+    cond: Any = None,
     parameterization: str = "eps",
     spacing: str = "uniform",
     iterations: int = 1,
 ) -> jax.Array:
     """Map data to noise along the deterministic DDIM path (Song et al. 2021a, sec. 4.3, eq. 14).
 
-    Runs the eta = 0 update forwards over the timesteps that ``sample(..., method="ddim",
-    steps=steps, spacing=spacing)`` visits backwards, evaluating the network at the target
-    time, so ``sample`` of the result reconstructs ``x0`` up to the discretization error.
-    ``iterations`` network calls per step solve the inversion as a fixed point (1 is the usual
-    approximation eps(x_t, t_next) ~ eps(x_next, t_next); a few more make the round trip exact
-    to float precision where the ODE is not expanding; cf. Pan et al. 2023, AIDI).
-    Returns x_T with the shape of ``x0``.
+    Runs the eta = 0 update forwards over the times that ``sample(..., method="ddim",
+    steps=steps, spacing=spacing)`` visits backwards (or ``timesteps`` reversed), evaluating
+    the network at the target time, so ``sample`` of the result reconstructs ``x0`` up to the
+    discretization error. ``iterations`` network calls per step solve the inversion as a fixed
+    point (1 is the usual approximation eps(x_t, t_next) ~ eps(x_next, t_next); a few more make
+    the round trip exact to float precision where the ODE is not expanding; cf. Pan et al.
+    2023, AIDI). Returns x at the noisy end, with the shape of ``x0``.
     """
-    _validate("ddim", schedule, steps, 0.0, "fixed_small", parameterization, spacing)
+    _validate("ddim_inverse", schedule, steps, None, "fixed_small", parameterization, None if timesteps is not None else spacing, timesteps)
     if not isinstance(iterations, (int, np.integer)) or iterations < 1:
         raise ValueError(f"iterations: expected a positive int, got {iterations!r}")
-    ts, ts_prev = timestep_pairs(schedule, schedule.num_timesteps if steps is None else steps, spacing)
-    out = _run(model_fn, schedule, x0, jax.random.key(0), "ddim_inverse", ts_prev[::-1], ts[::-1], 0.0,
-               parameterization, "fixed_small", None, False, False, inverse_iterations=int(iterations))
+    if timesteps is None:
+        times = time_sequence(schedule, steps, spacing)
+    else:
+        times = schedule.check_times(np.asarray(timesteps), "timesteps")
+    opts = SamplerOptions(parameterization=parameterization, inverse_iterations=int(iterations))
+    out = _run(model_fn, schedule, x0, jax.random.key(0), _REGISTRY["ddim_inverse"], times[::-1].copy(), opts, cond,
+               None, False, False)
     return out.samples
 
 
-def _run(model_fn, schedule, shape_or_xT, key, method, ts, ts_prev, eta, parameterization, variance, clip,
-         return_trajectory, return_pred_x0, inverse_iterations=1) -> SampleOutput:
+class _LoopConfig(NamedTuple):
+    sampler: Sampler
+    options: SamplerOptions
+    return_trajectory: bool
+    return_pred_x0: bool
+    shape: tuple[int, ...]
+    has_forward_jumps: bool
+    has_cond: bool
+
+
+def _run(model_fn, process, shape_or_xT, key, sampler: Sampler, times: np.ndarray, opts: SamplerOptions, cond, hook,
+         return_trajectory, return_pred_x0) -> SampleOutput:
     if isinstance(shape_or_xT, (tuple, list)):
         shape, x_T = tuple(int(s) for s in shape_or_xT), None
     else:
@@ -351,185 +860,98 @@ def _run(model_fn, schedule, shape_or_xT, key, method, ts, ts_prev, eta, paramet
         shape = tuple(x_T.shape)
     if len(shape) < 1 or shape[0] < 1:
         raise ValueError(f"shape_or_xT: expected a shape (B, ...) with B >= 1 or an array, got {shape}")
+    if hook is not None and not callable(hook):
+        raise ValueError(f"hook: expected a callable hook(x, info) -> x, got {type(hook).__name__}")
+    times = np.asarray(times)
+    t_from, t_to = times[:-1], times[1:]
+    if np.any(t_from == t_to):
+        raise ValueError(f"timesteps: expected no repeated consecutive times, got {times.tolist()}")
+    forward = t_to > t_from
+    if sampler.direction == "forward":
+        if not np.all(forward):
+            raise ValueError(f"timesteps: method {sampler.name!r} runs forwards and needs increasing times, got {times.tolist()}")
+        forward = np.zeros_like(forward)  # its own steps, not re-noising jumps
+    elif np.any(process.is_data(t_from)):
+        raise ValueError(f"timesteps: a step cannot start at the data (only the last time may be the data), got {times.tolist()}")
+    n = len(t_from)
+    fresh = np.zeros(n, bool)
+    fresh[0] = True
+    fresh[1:] |= forward[:-1]  # after a re-noising jump the history no longer applies
+    fresh |= process.is_data(t_to)
+    last = np.arange(n) == n - 1
+
+    time_kind = "float" if np.issubdtype(times.dtype, np.floating) else "int"
     dynamic, static = _split_model_fn(model_fn)
-    _check_model_output(dynamic, static, shape, variance)
-    config = _LoopConfig(
-        method=method, ts=tuple(int(t) for t in ts), ts_prev=tuple(int(t) for t in ts_prev), eta=float(eta),
-        parameterization=parameterization, variance=variance, clip=clip,
-        return_trajectory=return_trajectory, return_pred_x0=return_pred_x0, shape=shape,
-        inverse_iterations=inverse_iterations,
-    )
-    return _sample_jit(dynamic, static, schedule, x_T, key, config)
+    _check_model_output(dynamic, static, shape, opts.variance, time_kind, cond)
+    hook_dyn, hook_static = _split_model_fn(hook)
+    config = _LoopConfig(sampler, opts, bool(return_trajectory), bool(return_pred_x0), shape, bool(np.any(forward)), cond is not None)
+    xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(t_from), jnp.asarray(t_to), jnp.asarray(fresh), jnp.asarray(forward),
+          jnp.asarray(last))
+    return _sample_jit(dynamic, static, hook_dyn, hook_static, process, x_T, key, xs, cond, config)
 
 
-class _LoopConfig(NamedTuple):
-    method: str
-    ts: tuple[int, ...]
-    ts_prev: tuple[int, ...]
-    eta: float
-    parameterization: str
-    variance: str
-    clip: Any
-    return_trajectory: bool
-    return_pred_x0: bool
-    shape: tuple[int, ...]
-    inverse_iterations: int = 1
+def _full_variance(res: StepResult, x: jax.Array) -> StepResult:
+    """The step's noise variance broadcast to x's shape (one form for every branch and hook)."""
+    return res._replace(variance=jnp.broadcast_to(jnp.asarray(res.variance, x.dtype), x.shape))
 
 
-def _check_model_output(dynamic, static, shape, variance) -> None:
-    """Abstractly evaluate the model so a shape mismatch is reported before compiling."""
-    avals = tuple(None if d is None else (tuple(np.shape(d)), jnp.result_type(d)) for d in dynamic)
-    out = _model_output_shape(static, avals, shape)
-    want = shape[:-1] + (2 * shape[-1],) if variance in ("learned_range", "learned") else shape
-    if isinstance(out, Exception):
-        raise ValueError(f"model_fn: calling it with x_t of shape {shape} and t of shape ({shape[0]},) failed: {out}") from out
-    if out != want:
-        raise ValueError(f"model_fn: expected an output of shape {want} for x_t of shape {shape} (variance={variance!r}), got {out}")
-
-
-@functools.lru_cache(maxsize=128)
-def _model_output_shape(static, avals, shape):
-    """Output shape of the model for these abstract inputs, cached: a model_fn rebuilt for every
-    call (new params, same network) is traced once, not once per call. The cache keeps
-    ``static`` alive, so its identity-based key cannot be reused by another function."""
-    dyn = [None if a is None else jax.ShapeDtypeStruct(*a) for a in avals]
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
-    t = jax.ShapeDtypeStruct((shape[0],), jnp.int32)
-    try:
-        out = jax.eval_shape(lambda d, x_, t_: _merge_model_fn(d, static)(x_, t_), dyn, x, t)
-    except (TypeError, ValueError) as e:
-        return e
-    return tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
-
-
-class _Static:
-    """Hashable holder of the non-array parts of a model_fn pytree (compared by identity)."""
-
-    def __init__(self, treedef, leaves):
-        self.treedef, self.leaves = treedef, leaves
-
-    def __hash__(self):
-        return hash((self.treedef, tuple(id(l) for l in self.leaves)))
-
-    def __eq__(self, other):
-        return (
-            isinstance(other, _Static)
-            and self.treedef == other.treedef
-            and len(self.leaves) == len(other.leaves)
-            and all(a is b for a, b in zip(self.leaves, other.leaves))
-        )
-
-
-def _is_array(leaf) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or (isinstance(leaf, (float, int, complex)) and not isinstance(leaf, bool))
-
-
-def _split_model_fn(model_fn):
-    leaves, treedef = jax.tree_util.tree_flatten(model_fn)
-    dynamic = [l if _is_array(l) else None for l in leaves]
-    static = _Static(treedef, [None if _is_array(l) else l for l in leaves])
-    return dynamic, static
-
-
-def _merge_model_fn(dynamic, static):
-    leaves = [d if s is None else s for d, s in zip(dynamic, static.leaves)]
-    return jax.tree_util.tree_unflatten(static.treedef, leaves)
-
-
-def _prediction(c: _LoopConfig, sched: Schedule, out, x, t):
-    """(x0, eps) from a network output, thresholded if the loop clips."""
-    pred, _ = diffusion.split_variance_output(out, c.variance)
-    x0, eps = to_x0_eps(sched, pred, x, t, c.parameterization)
-    if c.clip is not None:
-        x0 = threshold_x0(x0, c.clip)
-        eps = diffusion.predict_eps(sched, x, t, x0)
-    return x0, eps
-
-
-def _update_ddpm(c, sched, eval_fn, x, t, t_prev, key, state, first_order):
-    out = eval_fn(x)
-    pmv = diffusion.p_mean_variance(sched, out, x, t, c.parameterization, c.variance, clip=c.clip)
-    return _ddpm_update(pmv, t, _noise(key, x)), pmv.pred_x0, state
-
-
-def _update_ddim(c, sched, eval_fn, x, t, t_prev, key, state, first_order):
-    out = eval_fn(x)
-    x0, eps = _prediction(c, sched, out, x, t)
-    return _ddim_update(sched, x0, eps, x, t, t_prev, c.eta, _noise(key, x)), x0, state
-
-
-def _update_euler_maruyama(c, sched, eval_fn, x, t, t_prev, key, state, first_order):
-    out = eval_fn(x)
-    x0, eps = _prediction(c, sched, out, x, t)
-    return euler_maruyama_step(sched, eps, x, t, t_prev, key, last=t_prev < 0), x0, state
-
-
-def _update_ode(c, sched, eval_fn, x, t, t_prev, key, state, first_order):
-    out = eval_fn(x)
-    x0, eps = _prediction(c, sched, out, x, t)
-    return ode_step(sched, eps, x, t, t_prev), x0, state
-
-
-def _update_dpm_solver(c, sched, eval_fn, x, t, t_prev, key, state, first_order):
-    out = eval_fn(x)
-    x0, _ = _prediction(c, sched, out, x, t)
-    x_new, state = dpm_solver_step(sched, x0, x, t, t_prev, state, first_order)
-    return x_new, x0, state
-
-
-def _update_ddim_inverse(c, sched, eval_fn, x, t, t_next, key, state, first_order):
-    # x sits at level t (-1, the data, on the first step). The reverse DDIM step from x_next
-    # lands on x when x_next = sqrt(a_next) (x - sqrt(1 - a_t) e) / sqrt(a_t) + sqrt(1 - a_next) e
-    # with e = eps(x_next, t_next): solved by fixed-point iteration from x_next = x, whose first
-    # iterate is the usual inversion eps(x_t, t_next) ~ eps(x_next, t_next).
-    alpha_t, sigma_t = _alpha_sigma(sched, t, x)
-    alpha_n, sigma_n = _alpha_sigma(sched, t_next, x)
-
-    def refine(_, x_next):
-        _, eps = _prediction(c, sched, eval_fn(x_next), x_next, t_next)
-        return alpha_n * (x - sigma_t * eps) / alpha_t + sigma_n * eps
-
-    x_next = jax.lax.fori_loop(0, c.inverse_iterations, refine, x)
-    return x_next, x, state
-
-
-# method -> (update, evaluate the network at the target time instead of the current one)
-_UPDATES = {
-    "ddpm": (_update_ddpm, False),
-    "ddim": (_update_ddim, False),
-    "euler_maruyama": (_update_euler_maruyama, False),
-    "ode": (_update_ode, False),
-    "dpm_solver++": (_update_dpm_solver, False),
-    "ddim_inverse": (_update_ddim_inverse, True),
-}
-
-
-def _sample_impl(dynamic, static, schedule: Schedule, x_T, key, config: _LoopConfig) -> SampleOutput:
+def _sample_impl(dynamic, static, hook_dyn, hook_static, process, x_T, key, xs, cond, config: _LoopConfig) -> SampleOutput:
     model_fn = _merge_model_fn(dynamic, static)
+    hook = _merge_model_fn(hook_dyn, hook_static)
     c = config
-    update, at_target = _UPDATES[c.method]
+    opts = c.options
     init_key, loop_key = jax.random.split(key)
     x = jax.random.normal(init_key, c.shape, jnp.float32) if x_T is None else x_T
     B = c.shape[0]
-    n = len(c.ts)
+
+    def denoise(x_, time) -> Prediction:
+        t_model = jnp.broadcast_to(process.model_time(time), (B,))
+        out = model_fn(x_, t_model, cond) if c.has_cond else model_fn(x_, t_model)
+        pred, var_out = diffusion.split_variance_output(out, opts.variance)
+        alpha, sigma = (_bcast(v, x_) for v in process.alpha_sigma(time))
+        x0, eps = diffusion.x0_eps_from_output(pred, x_, alpha, sigma, opts.parameterization)
+        if opts.clip is not None:
+            x0 = threshold_x0(x0, opts.clip)
+            eps = (x_ - alpha * x0) / sigma
+        return Prediction(x0, eps, var_out)
+
+    def coefs(time):
+        alpha, sigma = process.alpha_sigma(time)
+        return _bcast(alpha, x), _bcast(sigma, x), _bcast(process.log_snr(time), x)
+
+    def sampler_step(x, state, step: Step):
+        return _full_variance(c.sampler.step(process, denoise, x, step, state, opts), x)
+
+    def renoise(x, state, step: Step):
+        # q(x_t' | x_t) for t' > t: x_t' = (alpha'/alpha) x_t + sqrt(sigma'^2 - (alpha'/alpha)^2 sigma^2) z.
+        ratio = step.alpha_next / step.alpha
+        var = step.sigma_next**2 * _posterior_fraction(step.log_snr_next, step.log_snr)
+        x_new = ratio * x + jnp.sqrt(jnp.maximum(var, 0.0)) * _noise(step.key, x)
+        return _full_variance(StepResult(x_new, x, var, state), x)
 
     def body(carry, inputs):
         x, state = carry
-        i, t_s, tp_s, first_order = inputs
-        t = jnp.full((B,), t_s, jnp.int32)
-        t_prev = jnp.full((B,), tp_s, jnp.int32)
-        t_eval = schedule.timesteps[t_prev if at_target else t]
-        eval_fn = lambda x_: model_fn(x_, t_eval)  # noqa: E731
-        x_new, x0, state = update(c, schedule, eval_fn, x, t, t_prev, jax.random.fold_in(loop_key, i), state, first_order)
-        ys = (x_new if c.return_trajectory else None, x0 if c.return_pred_x0 else None)
-        return (x_new, state), ys
+        i, t, t_next, fresh, forward, last = inputs
+        a, s, lam = coefs(t)
+        a_n, s_n, lam_n = coefs(t_next)
+        step_key = jax.random.fold_in(loop_key, i)
+        step = Step(t, t_next, a, s, lam, a_n, s_n, lam_n, step_key, i, fresh, last)
+        if c.has_forward_jumps:
+            res = jax.lax.cond(forward, renoise, sampler_step, x, state, step)
+        else:
+            res = sampler_step(x, state, step)
+        variance = res.variance
+        x_new = res.x
+        if hook is not None:
+            info = StepInfo(x, t, t_next, jnp.broadcast_to(process.model_time(t), (B,)), res.pred_x0, variance,
+                            jax.random.fold_in(step_key, 1 << 20), i, forward, last)
+            x_new = hook(x_new, info)
+        ys = (x_new if c.return_trajectory else None, res.pred_x0 if c.return_pred_x0 else None)
+        return (x_new, res.state), ys
 
-    # Multistep solvers fall back to first order without history and on the step to the data.
-    first_order = (np.arange(n) == 0) | (np.asarray(c.ts_prev) < 0)
-    state = DPMSolverState(x0_prev=jnp.zeros_like(x), h_prev=jnp.ones((B,) + (1,) * (x.ndim - 1), x.dtype))
-    xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(c.ts, jnp.int32), jnp.asarray(c.ts_prev, jnp.int32), jnp.asarray(first_order))
+    state = c.sampler.init_state(x)
     (x, _), (traj, x0s) = jax.lax.scan(body, (x, state), xs)
     return SampleOutput(samples=x, trajectory=traj, pred_x0=x0s)
 
 
-_sample_jit = jax.jit(_sample_impl, static_argnums=(1, 5))
+_sample_jit = jax.jit(_sample_impl, static_argnums=(1, 3, 9))

@@ -30,6 +30,9 @@ __all__ = [
     "alpha_sigma_from_log_snr",
     "from_log_snr",
     "get",
+    "Process",
+    "ContinuousVP",
+    "continuous_vp",
 ]
 
 
@@ -59,6 +62,45 @@ class Schedule:
     @property
     def num_timesteps(self) -> int:
         return int(self.betas.shape[-1])
+
+    # -- the process interface (see :class:`Process`): time i in [-1, T), -1 = the data --------
+
+    def alpha_sigma(self, time: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(alpha_i, sigma_i) = (sqrt(abar_i), sqrt(1 - abar_i)) at schedule indices ``time``
+        (any int shape), (1, 0) at -1; read from the float64-derived tables, since 1 - abar in
+        float32 would cancel near i = 0."""
+        idx = jnp.where(jnp.asarray(time) < 0, self.num_timesteps, time)
+        pad = lambda a, v: jnp.concatenate([a, jnp.full((1,), v, a.dtype)])  # noqa: E731
+        return (jnp.take(pad(self.sqrt_alphas_cumprod, 1.0), idx), jnp.take(pad(self.sqrt_one_minus_alphas_cumprod, 0.0), idx))
+
+    def log_snr(self, time: jax.Array) -> jax.Array:
+        """lambda_i = log(alpha_i^2 / sigma_i^2) (+inf at the data, i = -1)."""
+        alpha, sigma = self.alpha_sigma(time)
+        return 2.0 * (jnp.log(alpha) - jnp.log(sigma))
+
+    def sde_increments(self, time: jax.Array, time_next: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(int f, int g^2) of the VP-SDE dx = f x dt + g dw over (time_next, time] (Song et al.
+        2021b, eq. 11): f = -beta/2, g^2 = beta, int beta = log(abar_next / abar_time)."""
+        (a, _), (a_n, _) = self.alpha_sigma(time), self.alpha_sigma(time_next)
+        d_beta = 2.0 * (jnp.log(a_n) - jnp.log(a))
+        return -0.5 * d_beta, d_beta
+
+    def model_time(self, time: jax.Array) -> jax.Array:
+        """The time the network was trained with: ``timesteps[i]`` (the identity unless respaced)."""
+        return jnp.take(self.timesteps, jnp.asarray(time))
+
+    def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
+        """Concrete integer times in [-1, T) as int32 (-1 = the data); ValueError otherwise."""
+        times = np.asarray(times)
+        if times.ndim != 1 or times.size < 2 or not np.issubdtype(times.dtype, np.integer):
+            raise ValueError(f"{name}: expected a 1-D integer sequence of at least 2 schedule indices, got {times!r}")
+        T = self.num_timesteps
+        if times.min() < -1 or times.max() >= T:
+            raise ValueError(f"{name}: expected indices in [-1, {T}) (-1 = the data), got min {times.min()}, max {times.max()}")
+        return times.astype(np.int32)
+
+    def is_data(self, times: np.ndarray) -> np.ndarray:
+        return np.asarray(times) < 0
 
 
 def _check_betas(betas: np.ndarray) -> None:
@@ -233,6 +275,74 @@ def from_log_snr(log_snr_fn, num_timesteps: int, max_beta: float = 0.999) -> Sch
         lam = np.asarray(jax.device_get(log_snr_fn(jnp.asarray(u, dtype=jnp.float64))), dtype=np.float64)
     ac = 1.0 / (1.0 + np.exp(-lam))
     return from_alphas_cumprod(np.minimum.accumulate(ac), max_beta)
+
+
+class Process:
+    """What a sampler needs from a diffusion process, at a process time (an array of any shape).
+
+    x_t = alpha(t) x_0 + sigma(t) eps. Implemented by the discrete :class:`Schedule` (time = an
+    index in [-1, T), -1 the data) and :class:`ContinuousVP` (time in [t_min, 1], float); EDM's
+    sigma(t) (alpha = 1) and flow matching's (alpha, sigma) = (1 - t, t) are further instances.
+    This class documents the interface (duck-typed; samplers only call these methods):
+
+      ``alpha_sigma(time) -> (alpha, sigma)``
+      ``log_snr(time) -> log(alpha^2 / sigma^2)``
+      ``sde_increments(time, time_next) -> (int f, int g^2)`` of the forward SDE over the step
+      ``model_time(time)`` what the network is fed
+      ``check_times(times, name) -> times`` validate a concrete time sequence (NumPy)
+      ``is_data(times) -> bool array`` where a time is the clean-data end of the process
+    """
+
+
+@flax.struct.dataclass
+class ContinuousVP:
+    """A continuous-time variance-preserving process given by its log-SNR lambda(t), t in [t_min, 1]
+    (Kingma et al. 2021, VDM; Song et al. 2021b, VP-SDE): alpha^2 = sigmoid(lambda),
+    sigma^2 = sigmoid(-lambda). Times are floats; the network is fed t itself.
+
+    ``log_snr_fn``: a jit-able function of t (e.g. :func:`cosine_log_snr`, :func:`vp_linear_log_snr`);
+    a static field, so it must be hashable (a module-level function or a ``functools.partial``).
+    """
+
+    log_snr_fn: object = flax.struct.field(pytree_node=False)
+    t_min: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    def log_snr(self, time: jax.Array) -> jax.Array:
+        return self.log_snr_fn(jnp.asarray(time, jnp.float32))
+
+    def alpha_sigma(self, time: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return alpha_sigma_from_log_snr(self.log_snr(time))
+
+    def sde_increments(self, time: jax.Array, time_next: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """VP: f = d log alpha / dt and g^2 = -2 f, integrated exactly: int f = log(alpha_t / alpha_next)."""
+        (a, _), (a_n, _) = self.alpha_sigma(time), self.alpha_sigma(time_next)
+        int_f = jnp.log(a) - jnp.log(a_n)
+        return int_f, -2.0 * int_f
+
+    def model_time(self, time: jax.Array) -> jax.Array:
+        return jnp.asarray(time, jnp.float32)
+
+    def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
+        times = np.asarray(times)
+        if times.ndim != 1 or times.size < 2 or not np.issubdtype(times.dtype, np.floating):
+            raise ValueError(f"{name}: expected a 1-D float sequence of at least 2 times in [{self.t_min}, 1], got {times!r}")
+        if not np.all(np.isfinite(times)) or times.min() < self.t_min or times.max() > 1.0:
+            raise ValueError(f"{name}: expected times in [{self.t_min}, 1], got min {times.min()}, max {times.max()}")
+        return times.astype(np.float32)
+
+    def is_data(self, times: np.ndarray) -> np.ndarray:
+        return np.asarray(times) <= self.t_min
+
+
+def continuous_vp(log_snr_fn=None, t_min: float = 0.0) -> ContinuousVP:
+    """A :class:`ContinuousVP` process (default: the cosine log-SNR, lambda in [-20, 20])."""
+    if log_snr_fn is None:
+        log_snr_fn = cosine_log_snr
+    if not callable(log_snr_fn):
+        raise ValueError(f"log_snr_fn: expected a callable lambda(t), got {type(log_snr_fn).__name__}")
+    if not 0.0 <= float(t_min) < 1.0:
+        raise ValueError(f"t_min: expected a float in [0, 1), got {t_min!r}")
+    return ContinuousVP(log_snr_fn=log_snr_fn, t_min=float(t_min))
 
 
 def get(name: str, num_timesteps: int, **kwargs) -> Schedule:

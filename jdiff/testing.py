@@ -65,6 +65,24 @@ class GaussianMixture:
             resp = jax.nn.one_hot(component, self.num_components, dtype=x.dtype)
         return jnp.einsum("bk,bkd->bd", resp, comp_scores).reshape(x_t.shape)
 
+    def posterior(self, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The exact posterior p(x_0 | x_t) for x_t = alpha x_0 + sigma eps: again a mixture.
+
+        Component k has weight ~ pi_k N(x_t; alpha mu_k, alpha^2 s_k^2 + sigma^2), mean
+        mu_k + alpha s_k^2 (x_t - alpha mu_k) / (alpha^2 s_k^2 + sigma^2) and variance
+        s_k^2 sigma^2 / (alpha^2 s_k^2 + sigma^2) (Gaussian conditioning, per dimension).
+        Returns (weights [B, K], means [B, K, D], stds [B, K, D]); alpha, sigma: [B] or scalars.
+        """
+        x = self._flat(x_t)
+        a = jnp.broadcast_to(jnp.asarray(alpha, x.dtype), (x.shape[0],)).reshape(-1, 1, 1)
+        s = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],)).reshape(-1, 1, 1)
+        var = a**2 * self.stds[None] ** 2 + s**2
+        diff = x[:, None, :] - a * self.means[None]
+        log_w = jnp.log(self.weights)[None] - 0.5 * jnp.sum(diff**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)
+        means = self.means[None] + a * self.stds[None] ** 2 * diff / var
+        stds = jnp.sqrt(self.stds[None] ** 2 * s**2 / var)
+        return jax.nn.softmax(log_w, axis=-1), means, stds
+
     def sample(self, key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
         """n exact draws from the clean mixture: (x0 [n, *event_shape], component [n])."""
         k1, k2 = jax.random.split(key)
@@ -76,10 +94,13 @@ class GaussianMixture:
     # -- model functions in the forms samplers and guidance take ------------------------
 
     def model_fn(self, schedule: Schedule, parameterization: str = "eps") -> Callable[[jax.Array, jax.Array], jax.Array]:
-        """The exact network: ``(x_t [B, ...], t [B] int) -> output`` in ``parameterization``.
+        """The exact network: ``(x_t [B, ...], t [B]) -> output`` in ``parameterization``.
 
-        ``t`` is the trained model's timestep of ``schedule`` (pass the original schedule even
-        when sampling on a respaced one: samplers call models with ``schedule.timesteps[i]``).
+        ``schedule`` is any process (a discrete :class:`Schedule` or a continuous one such as
+        :func:`jdiff.schedules.continuous_vp`); ``t`` is its model time: the trained model's
+        timestep of a discrete schedule (pass the original schedule even when sampling on a
+        respaced one: samplers call models with ``schedule.timesteps[i]``), or the float time of
+        a continuous process.
         """
         return jax.tree_util.Partial(_mixture_output, self, schedule, parameterization)
 
@@ -93,18 +114,33 @@ class GaussianMixture:
         return jax.tree_util.Partial(_mixture_class_log_prob, self, schedule)
 
 
-def _abar_at(schedule: Schedule, t: jax.Array) -> jax.Array:
-    return jnp.take(schedule.alphas_cumprod, t)
+def _abar_at(process, t: jax.Array) -> jax.Array:
+    if isinstance(process, Schedule):  # the float64-derived table, exact for integer t
+        return jnp.take(process.alphas_cumprod, t)
+    return process.alpha_sigma(t)[0] ** 2
 
 
-def _mixture_output(gm: GaussianMixture, schedule: Schedule, parameterization: str, x_t, t):
-    abar = _abar_at(schedule, t)
-    score = gm.score(x_t, abar)
+def _sigma_at(process, t: jax.Array, x: jax.Array) -> jax.Array:
+    sigma = process.alpha_sigma(t)[1]
+    return sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
+
+
+def _mixture_output(gm: GaussianMixture, schedule, parameterization: str, x_t, t):
+    score = gm.score(x_t, _abar_at(schedule, t))
+    if parameterization == "score":
+        return score
+    if not isinstance(schedule, Schedule):
+        alpha, sigma = schedule.alpha_sigma(t)
+        alpha, sigma = (v.reshape(v.shape + (1,) * (x_t.ndim - v.ndim)) for v in (alpha, sigma))
+        eps = -sigma * score
+        x0 = (x_t - sigma * eps) / alpha
+        outputs = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}
+        if parameterization not in outputs:
+            raise ValueError(f"parameterization: expected one of {diffusion.PARAMETERIZATIONS}, got {parameterization!r}")
+        return outputs[parameterization]
     eps = diffusion.eps_from_score(schedule, t, score)
     if parameterization == "eps":
         return eps
-    if parameterization == "score":
-        return score
     x0 = diffusion.predict_x0(schedule, x_t, t, eps)
     if parameterization == "x0":
         return x0
@@ -113,17 +149,20 @@ def _mixture_output(gm: GaussianMixture, schedule: Schedule, parameterization: s
     raise ValueError(f"parameterization: expected one of {diffusion.PARAMETERIZATIONS}, got {parameterization!r}")
 
 
-def _mixture_conditional_eps(gm: GaussianMixture, schedule: Schedule, x_t, t, y):
+def _mixture_conditional_eps(gm: GaussianMixture, schedule, x_t, t, y):
     abar = _abar_at(schedule, t)
     K = gm.num_components
     y = jnp.broadcast_to(jnp.asarray(y), (x_t.shape[0],))
     cond = gm.score(x_t, abar, component=jnp.minimum(y, K - 1))
     uncond = gm.score(x_t, abar)
     is_null = (y == K).reshape((-1,) + (1,) * (x_t.ndim - 1))
-    return diffusion.eps_from_score(schedule, t, jnp.where(is_null, uncond, cond))
+    score = jnp.where(is_null, uncond, cond)
+    if isinstance(schedule, Schedule):
+        return diffusion.eps_from_score(schedule, t, score)
+    return -_sigma_at(schedule, t, x_t) * score
 
 
-def _mixture_class_log_prob(gm: GaussianMixture, schedule: Schedule, x_t, t, y):
+def _mixture_class_log_prob(gm: GaussianMixture, schedule, x_t, t, y):
     logp = gm.class_log_posterior(x_t, _abar_at(schedule, t))
     y = jnp.broadcast_to(jnp.asarray(y), (x_t.shape[0],))
     return jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]

@@ -142,7 +142,8 @@ def test_classifier_free_makes_one_batched_call(fns):
     assert len(calls) == 1
     (x_shape, t_shape, labels), = calls
     assert x_shape == (2 * B, 2) and t_shape == (2 * B,)
-    np.testing.assert_array_equal(labels, np.concatenate([YS, np.full(B, K)]))
+    # Each example next to its null copy, so a batch sharded along its first axis stays local.
+    np.testing.assert_array_equal(labels, np.stack([YS, np.full(B, K)], axis=1).reshape(-1))
     calls.clear()
     jax.eval_shape(guided, x, t, y)
     assert len(calls) == 1 and calls[0][0] == (2 * B, 2)
@@ -237,57 +238,66 @@ def test_classifier_guides_other_parameterizations(gm, fns, sched, parameterizat
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _ddpm_form_case(sched_chain, abar_chain, chain_idx, variance, fns, extra=None):
-    """Guided DDPM-form mean and noisy step vs float64 mean + s Sigma grad (Algorithm 1)."""
+def _hook_step_case(sched, chain_abar, chain_times, chain_idx, variance, fns, seed=9):
+    """One guided ancestral step through jdiff.sample with classifier_hook vs float64
+    mean + s Sigma grad log p(y | x_t) + sqrt(Sigma) z (Dhariwal & Nichol 2021, Algorithm 1),
+    with mean and Sigma those of the chain (adjacent or respaced) the sampler walks."""
     uncond, _, log_prob = fns
-    n = len(chain_idx)
-    x = points(n, 9)
+    n = 6
+    x = points(n, seed)
     y = YS[:n]
-    t_model = np.asarray(sched_chain.timesteps)[chain_idx]
     s = 1.7
-    model = uncond
     v = np.linspace(-0.9, 0.9, n)[:, None] * np.ones((1, 2))
+    model = uncond
     if variance == "learned_range":
         model = lambda x_, t_: jnp.concatenate([uncond(x_, t_), jnp.asarray(v, jnp.float32)], axis=-1)  # noqa: E731
-    guided = guidance.classifier(model, log_prob, s, sched_chain, form="ddpm", variance=variance)
-    out = guided(jnp.asarray(x), jnp.asarray(t_model), jnp.asarray(y))
-    pmv = jdiff.p_mean_variance(sched_chain, out, jnp.asarray(x), jnp.asarray(chain_idx), variance=variance)
-
-    beta, beta_tilde, coef1, coef2 = np_chain(abar_chain)
-    i = chain_idx
-    a = abar_chain[i][:, None]
-    eps = np_eps(x, t_model)
-    mean = coef1[i][:, None] * (x - np.sqrt(1 - a) * eps) / np.sqrt(a) + coef2[i][:, None] * x
-    if variance == "fixed_small":
-        sigma2 = np.repeat(beta_tilde[i][:, None], 2, axis=1)
-    elif variance == "fixed_large":
-        sigma2 = np.repeat(np.append(beta_tilde[1], beta[1:])[i][:, None], 2, axis=1)
-    else:  # improved DDPM eq. 15 with the network's v in [-1, 1] mapped to [0, 1]
-        log_tilde = np.log(np.append(beta_tilde[1], beta_tilde[1:]))[i][:, None]
-        frac = (v + 1) / 2
-        sigma2 = np.exp(frac * np.log(beta[i])[:, None] + (1 - frac) * log_tilde)
-    want = mean + s * sigma2 * np_grad_log_posterior(x, t_model, y)
-    np.testing.assert_allclose(pmv.mean, want, rtol=1e-5, atol=1e-5)
-    if variance == "learned_range":
-        np.testing.assert_array_equal(out[:, 2:], np.asarray(v, np.float32))
-    # The sampler's own ancestral step lands on the shifted mean plus its noise.
-    key = jax.random.key(11)
-    step = jdiff.ddpm_step(sched_chain, out, jnp.asarray(x), jnp.asarray(chain_idx), key, variance=variance)
-    z = np.asarray(jax.random.normal(key, x.shape), np.float64)
-    np.testing.assert_allclose(step, want + (i[:, None] > 0) * np.sqrt(sigma2) * z, rtol=1e-5, atol=1e-5)
+    hook = guidance.classifier_hook(log_prob, s, jnp.asarray(y), num_classes=K)
+    beta, beta_tilde, coef1, coef2 = np_chain(chain_abar)
+    for i in chain_idx:
+        t_from = int(chain_times[i])
+        t_to = int(chain_times[i - 1]) if i > 0 else -1
+        key = jax.random.key(100 + int(i))
+        out = jdiff.sample(model, sched, jnp.asarray(x), key, timesteps=[t_from, t_to], hook=hook, variance=variance)
+        a = chain_abar[i]
+        eps = np_eps(x, np.full(n, t_from))
+        mean = coef1[i] * (x - np.sqrt(1 - a) * eps) / np.sqrt(a) + coef2[i] * x
+        if i == 0:
+            sigma2 = np.zeros_like(x, dtype=np.float64)  # the step to the data adds no noise
+        elif variance == "fixed_small":
+            sigma2 = np.full_like(x, beta_tilde[i], dtype=np.float64)
+        elif variance == "fixed_large":
+            sigma2 = np.full_like(x, beta[i], dtype=np.float64)
+        else:  # improved DDPM eq. 15 with the network's v in [-1, 1] mapped to [0, 1]
+            frac = (v + 1) / 2
+            sigma2 = np.exp(frac * np.log(beta[i]) + (1 - frac) * np.log(beta_tilde[i]))
+        z = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.split(key)[1], 0), x.shape), np.float64)
+        want = mean + s * sigma2 * np_grad_log_posterior(x, np.full(n, t_from), y) + np.sqrt(sigma2) * z
+        np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5, err_msg=f"chain index {i}")
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", "learned_range"])
-def test_classifier_ddpm_form_shifts_the_ancestral_mean(fns, sched, variance):
-    """Algorithm 1: mu_hat = mu + s Sigma grad log p(y | x_t); with fixed_small Sigma = beta_tilde_t."""
-    _ddpm_form_case(sched, ABAR, np.array([0, 1, 2, 30, 300, 450, 600, 900, 998, 999]), variance, fns)
+def test_classifier_hook_shifts_the_ancestral_mean(fns, sched, variance):
+    """Algorithm 1: x_{t-1} ~ N(mu + s Sigma grad log p(y | x_t), Sigma); with fixed_small Sigma = beta_tilde_t."""
+    _hook_step_case(sched, ABAR, np.arange(T), np.array([0, 1, 2, 30, 450, 998, 999]), variance, fns)
 
 
-def test_classifier_ddpm_form_on_a_respaced_chain(fns, sched):
-    """On a respaced chain Sigma and the mean are the respaced chain's; the model sees original t."""
+def test_classifier_hook_on_a_respaced_chain(fns, sched):
+    """With steps < T the sampler walks the respaced chain and the hook shifts by that chain's
+    Sigma (a model wrapper, which sees only t, took the un-respaced one: the defect this fixes)."""
     kept = schedules.space_timesteps(T, 50)
-    respaced = schedules.respace(sched, kept)
-    _ddpm_form_case(respaced, ABAR[kept], np.array([0, 1, 2, 10, 20, 25, 30, 40, 48, 49]), "fixed_small", fns)
+    _hook_step_case(sched, ABAR[kept], kept, np.array([0, 1, 2, 25, 48, 49]), "fixed_small", fns)
+    # sample(steps=50) is that chain: the hook-guided samples equal the explicit sequence's.
+    hook = guidance.classifier_hook(fns[2], 2.0, 1)
+    a = jdiff.sample(fns[0], sched, (64, 2), jax.random.key(3), steps=50, hook=hook)
+    b = jdiff.sample(fns[0], sched, (64, 2), jax.random.key(3), timesteps=np.append(kept[::-1], -1), hook=hook)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_classifier_ddpm_form_wrapper_points_to_the_hook(fns, sched):
+    with pytest.raises(ValueError, match="classifier_hook"):
+        guidance.classifier(fns[0], fns[2], 1.0, sched, form="ddpm")
+    with pytest.raises(ValueError, match="classifier_hook"):
+        guidance.energy(fns[0], fns[2], 1.0, sched, form="ddpm")
 
 
 def test_energy_with_log_posterior_is_classifier_guidance(fns, sched):
@@ -460,7 +470,7 @@ def test_new_weights_labels_and_params_do_not_recompile(sched):
 
     # Every leaf (params, schedule, w, scale, labels) is traced; the options sit in the treedef.
     _, static = samplers._split_model_fn(build(0, 1.0, 0.5, np.arange(8) % K))
-    assert all(leaf is None for leaf in static.leaves)
+    assert all(leaf is None for leaf in static[1])
 
 
 # ---------------------------------------------------------------------------
@@ -525,7 +535,7 @@ def test_labels_are_checked_when_concrete_only(fns, sched):
 def test_timesteps_outside_the_guidance_schedule_raise(fns, sched):
     uncond, _, log_prob = fns
     respaced = schedules.respace(sched, schedules.space_timesteps(T, 10))
-    guided = guidance.classifier(uncond, log_prob, 1.0, respaced, form="ddpm")
+    guided = guidance.classifier(uncond, log_prob, 1.0, respaced)
     x = jnp.asarray(points(len(TS), 13))
     with pytest.raises(ValueError, match="t: expected model timesteps"):
         guided(x, jnp.full((len(TS),), 999).at[3].set(500), jnp.asarray(YS))  # 500 is not a kept timestep
@@ -545,3 +555,85 @@ def test_energy_fn_must_return_one_value_per_example(fns, sched):
     guided = guidance.energy(uncond, lambda x, t: jnp.sum(x), 1.0, sched)
     with pytest.raises(ValueError, match="energy_fn: expected one value per example"):
         guided(jnp.asarray(points(len(TS), 14)), jnp.asarray(TS))
+
+
+# ---------------------------------------------------------------------------
+# Classifier-free guidance for any conditioning pytree.
+# ---------------------------------------------------------------------------
+
+
+def _context_mixture_eps(cond_fn, x, t, cond):
+    """The exact mixture conditioned through cross-attention-style tokens: context [B, 1, K] one-hot
+    of the component, visible where context_mask; a hidden token (the null conditioning) gives
+    the unconditional eps. An "image" entry, if any, must reach both passes unchanged."""
+    visible = cond["context_mask"][:, 0]
+    y = jnp.where(visible, jnp.argmax(cond["context"][:, 0, :], axis=-1), K)
+    out = cond_fn(x, t, y)
+    if "image" in cond:
+        out = out + 0.0 * cond["image"]  # shape check: the kept entry is the conditional one
+    return out
+
+
+def _context_cond(ys):
+    return {"context": jax.nn.one_hot(jnp.asarray(ys), K)[:, None, :], "context_mask": jnp.ones((len(ys), 1), bool)}
+
+
+NULL_CONTEXT = {"context": 0.0, "context_mask": False}
+
+
+@pytest.mark.parametrize("w", [0.0, 1.5])
+def test_classifier_free_with_a_context_conditioning(fns, sched, w):
+    _, cond_fn, _ = fns
+    calls = []
+
+    def model(x, t, cond):
+        calls.append(jax.tree.map(np.asarray, cond))
+        return _context_mixture_eps(cond_fn, x, t, cond)
+
+    x = points(len(TS), 21)
+    cond = _context_cond(YS)
+    out = guidance.classifier_free(model, w, null_cond=NULL_CONTEXT)(jnp.asarray(x), jnp.asarray(TS), cond)
+    np.testing.assert_allclose(out, (1 + w) * np_eps(x, TS, YS) - w * np_eps(x, TS, K), rtol=1e-5, atol=1e-5)
+    (seen,) = calls  # one batched call, each example next to its null copy
+    np.testing.assert_array_equal(seen["context_mask"][:, 0], np.tile([True, False], len(TS)))
+    np.testing.assert_array_equal(seen["context"][0::2], np.asarray(cond["context"]))
+    np.testing.assert_array_equal(seen["context"][1::2], 0.0)
+
+
+def test_classifier_free_keeps_entries_the_null_lacks_and_matches_the_label_form(fns):
+    _, cond_fn, _ = fns
+    x, t = jnp.asarray(points(len(TS), 22)), jnp.asarray(TS)
+    seen = []
+
+    def model(x_, t_, cond):
+        seen.append(np.asarray(cond["image"]))
+        return cond_fn(x_, t_, cond["label"])
+
+    image = jnp.arange(len(TS) * 2, dtype=jnp.float32).reshape(len(TS), 2)
+    dict_form = guidance.classifier_free(model, 2.0, null_cond={"label": K})(x, t, {"label": jnp.asarray(YS), "image": image})
+    label_form = guidance.classifier_free(cond_fn, 2.0, num_classes=K)(x, t, jnp.asarray(YS))
+    np.testing.assert_array_equal(dict_form, label_form)
+    np.testing.assert_array_equal(seen[0], np.repeat(np.asarray(image), 2, axis=0))
+    with pytest.raises(ValueError, match="null_cond, num_classes"):
+        guidance.classifier_free(model, 1.0)
+    with pytest.raises(ValueError, match=r"null_cond: has key\(s\) \['context'\]"):
+        guidance.classifier_free(model, 1.0, null_cond={"context": 0.0})(x, t, {"label": jnp.asarray(YS)})
+
+
+def test_cfg_with_context_samples_through_sample_cond(fns, sched):
+    """w = 0 through jdiff.sample(cond=...) is the conditional model, and the conditioning is traced
+    (a new context does not recompile)."""
+    _, cond_fn, _ = fns
+    n = 2000
+    model = jax.tree_util.Partial(_context_mixture_eps, cond_fn)
+    guided = guidance.classifier_free(model, 0.0, null_cond=NULL_CONTEXT)
+    xT = jax.random.normal(jax.random.key(4), (n, 2))
+    cfg = jdiff.sample(guided, sched, xT, jax.random.key(2), cond=_context_cond(np.full(n, Y)), method="ddim", steps=50)
+    ref = jdiff.sample(guidance.with_label(cond_fn, jnp.full((n,), Y)), sched, xT, jax.random.key(2), method="ddim", steps=50)
+    np.testing.assert_allclose(cfg, ref, rtol=0, atol=1e-5)
+    size = samplers._sample_jit._cache_size()
+    other = jdiff.sample(guided, sched, xT, jax.random.key(2), cond=_context_cond(np.full(n, 0)), method="ddim", steps=50)
+    assert samplers._sample_jit._cache_size() == size
+    assert float(jnp.mean(other[:, 0])) < -0.5 < float(jnp.mean(cfg[:, 1]))  # class 0 at x=-1; class 2 at y=1.2
+    fixed = jdiff.sample(guidance.with_cond(guided, _context_cond(np.full(n, Y))), sched, xT, jax.random.key(2), method="ddim", steps=50)
+    np.testing.assert_array_equal(fixed, cfg)

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jdiff import models
 from jdiff.models import layers
 from jdiff.models.classifier import NoiseAwareClassifier
 from jdiff.models.unet import UNet, UNetDecoder, UNetEncoder, cifar10_ddpm_unet
@@ -298,6 +299,50 @@ def test_attention_pool_matches_reference():
     np.testing.assert_allclose(got, np_attention_pool(x.astype(np.float64), to64(p), 2), rtol=RTOL, atol=ATOL)
 
 
+def np_cross_attention(x, context, mask, p, num_heads):
+    """x + proj_out(concat_h softmax_masked(q_h k_h^T / sqrt(d)) v_h), q from GN(x), k and v from
+    [null token; Dense(context)], the null token always visible (LDM cross-attention)."""
+    B, H, W, C = x.shape
+    d = C // num_heads
+    q = np_dense(np_group_norm(x, p["norm"]).reshape(B, H * W, C), p["q"])
+    null = lambda n: np.broadcast_to(p[n], (B, 1, C))
+    k = np.concatenate([null("null_key"), np_dense(context, p["k"])], axis=1)
+    v = np.concatenate([null("null_value"), np_dense(context, p["v"])], axis=1)
+    visible = np.concatenate([np.ones((B, 1), bool), mask], axis=1)[:, None, :]
+    out = np.zeros((B, H * W, C))
+    for n in range(num_heads):
+        s = slice(n * d, (n + 1) * d)
+        logits = np.where(visible, np.einsum("bqd,bkd->bqk", q[..., s], k[..., s]) / np.sqrt(d), -np.inf)
+        out[..., s] = np.einsum("bqk,bkd->bqd", np_softmax(logits), v[..., s])
+    return x + np_dense(out, p["proj_out"]).reshape(B, H, W, C)
+
+
+def test_cross_attention_matches_reference():
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((2, 2, 2, 8)).astype(np.float32)
+    context = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    mask = np.array([[True, False, True], [False, False, False]])
+    got, p = layer_case(layers.CrossAttention(num_heads=2), 32, x, context, mask)
+    assert {"null_key", "null_value", "q", "k", "v", "proj_out", "norm"} <= set(p)
+    want = np_cross_attention(x.astype(np.float64), context.astype(np.float64), mask, to64(p), 2)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match=r"context_mask: expected a bool array of shape \(2, 3\)"):
+        jax.eval_shape(layers.CrossAttention(2).init, jax.random.key(0), x, context, mask[:, :2])
+    with pytest.raises(ValueError, match=r"context: expected shape \[2, L, D\]"):
+        jax.eval_shape(layers.CrossAttention(2).init, jax.random.key(0), x, context[0])
+
+
+def test_fresh_cross_attention_is_identity():
+    """Zero-initialised proj_out: a fresh cross-attention block returns its input, whatever the context."""
+    rng = np.random.default_rng(33)
+    x = rng.standard_normal((2, 4, 4, 8)).astype(np.float32)
+    context = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    mask = np.array([[True, True, False], [False, False, False]])
+    block = layers.CrossAttention(2)
+    fresh = lambda x, c, m: block.apply(block.init(jax.random.key(0), x, c, m), x, c, m)
+    np.testing.assert_array_equal(compile_unoptimised(fresh, x, context, mask)(x, context, mask), x)
+
+
 @pytest.mark.parametrize("use_conv", [False, True])
 def test_resampling_matches_reference(use_conv):
     x = np.random.default_rng(7).standard_normal((2, 4, 4, 8)).astype(np.float32)
@@ -329,7 +374,7 @@ CONFIGS = {
     # score-SDE-style: Fourier time features, image conditioning, no attention, pool / nearest resampling.
     "cond": (
         dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(), mid_attention=False,
-             conv_resample=False, cond_channels=2, time_embedding="fourier", out_channels=4, dropout=0.0),
+             conv_resample=False, image_channels=2, time_embedding="fourier", out_channels=4, dropout=0.0),
         (2, 8, 8, 2),
     ),
 }
@@ -347,24 +392,26 @@ class Net:
         self.x = rng.standard_normal(x_shape).astype(np.float32)
         B = x_shape[0]
         self.t = np.array([3.0, 0.7], np.float32) if fields.get("time_embedding") == "fourier" else np.array([3, 700], np.int32)
-        self.cond = rng.standard_normal((B,) + x_shape[1:3] + (fields["cond_channels"],)).astype(np.float32) if fields.get("cond_channels") else None
-        self.shapes = jax.eval_shape(self.model.init, jax.random.key(0), self.x, self.t, cond=self.cond)
+        ch = fields.get("image_channels", 0)
+        self.cond = {"image": rng.standard_normal((B,) + x_shape[1:3] + (ch,)).astype(np.float32)} if ch else {}
+        self.shapes = jax.eval_shape(self.model.init, jax.random.key(0), self.x, self.t, self.cond)
         self.params = random_params(self.shapes, seed=12)
         # One positional signature, so calls that differ only in keywords share a compilation.
-        self._eval = Unoptimised(lambda p, x, t, y, cond, skips: self.model.apply(p, x, t, y, cond, skip_residuals=skips))
+        self._eval = Unoptimised(lambda p, x, t, cond, skips: self.model.apply(p, x, t, cond, skip_residuals=skips))
         self._train = None
 
-    def run(self, params=None, *, t=None, y=None, cond="default", skip_residuals=None):
-        """Evaluation-mode output (train=False) under ``params`` (default: the random ones)."""
+    def run(self, params=None, *, t=None, cond=None, skip_residuals=None):
+        """Evaluation-mode output (train=False) under ``params`` (default: the random ones) and
+        ``cond`` (default: the network's own, an image for "cond", else {})."""
         params = self.params if params is None else params
-        cond = self.cond if isinstance(cond, str) else cond
-        return self._eval(params, self.x, self.t if t is None else t, y, cond, skip_residuals)
+        cond = self.cond if cond is None else cond
+        return self._eval(params, self.x, self.t if t is None else t, cond, skip_residuals)
 
     def run_train(self, dropout_key):
         """Training-mode output (dropout on) under the random params."""
         args = (self.params, self.x, self.t, self.cond, dropout_key)
         if self._train is None:
-            train = lambda p, x, t, cond, key: self.model.apply(p, x, t, None, cond, train=True, rngs={"dropout": key})
+            train = lambda p, x, t, cond, key: self.model.apply(p, x, t, cond, train=True, rngs={"dropout": key})
             self._train = compile_unoptimised(train, *args)
         return self._train(*args)
 
@@ -410,7 +457,7 @@ def test_learned_variance_head_has_2c_channels(adm_net):
 def test_fresh_network_outputs_exactly_zero(adm_net):
     key = jax.random.key(0)
     params = compile_unoptimised(adm_net.model.init, key, adm_net.x, adm_net.t)(key, adm_net.x, adm_net.t)
-    out = adm_net.run(params, y=np.array([0, 4], np.int32))
+    out = adm_net.run(params, cond={"label": np.array([0, 4], np.int32)})
     np.testing.assert_array_equal(out, np.zeros_like(out))
     # Only the output projection is zero: the trunk is really initialised.
     assert np.abs(params["params"]["encoder"]["conv_in"]["kernel"]).max() > 0
@@ -420,9 +467,9 @@ def test_fresh_network_outputs_exactly_zero(adm_net):
 def test_null_class(adm_net):
     n = CONFIGS["adm"][0]["num_classes"]
     chex.assert_shape(adm_net.shapes["params"]["encoder"]["class_embed"]["embedding"], (n + 1, 16 * 4))
-    out_none = adm_net.run(y=None)
-    out_null = adm_net.run(y=np.full((2,), n, np.int32))
-    out_real = adm_net.run(y=np.array([0, 1], np.int32))
+    out_none = adm_net.run(cond={})
+    out_null = adm_net.run(cond={"label": np.full((2,), n, np.int32)})
+    out_real = adm_net.run(cond={"label": np.array([0, 1], np.int32)})
     np.testing.assert_array_equal(out_none, out_null)
     assert np.abs(out_real - out_none).max() > 1e-4
 
@@ -431,7 +478,7 @@ def test_output_depends_on_t_and_cond(cond_net):
     c = cond_net
     base = c.run()
     other_t = c.run(t=c.t + 0.5)
-    other_cond = c.run(cond=c.cond + 1.0)
+    other_cond = c.run(cond={"image": c.cond["image"] + 1.0})
     assert np.abs(base - other_t).max() > 1e-4
     assert np.abs(base - other_cond).max() > 1e-4
 
@@ -504,9 +551,21 @@ def _shape_of(m, x, t, **kw):
         ("odd size", dict(x=np.zeros((2, 9, 9, 1), np.float32)), r"x: expected height and width divisible by .* = 2"),
         ("t rank 0", dict(t=np.int32(3)), r"t: expected shape \[2\]"),
         ("t batch", dict(t=np.zeros((3,), np.int32)), r"t: expected shape \[2\]"),
-        ("cond given", dict(cond=np.zeros((2, 8, 8, 1), np.float32)), r"cond: expected None since cond_channels=0"),
-        ("y shape", dict(y=np.zeros((2, 1), np.int32)), r"y: expected int labels of shape \[2\]"),
-        ("y float", dict(y=np.zeros((2,), np.float32)), r"y: expected int labels"),
+        ("image given", dict(cond={"image": np.zeros((2, 8, 8, 1), np.float32)}),
+         r"cond\['image'\]: given \(shape \(2, 8, 8, 1\)\) but image_channels=0"),
+        ("label shape", dict(cond={"label": np.zeros((2, 1), np.int32)}),
+         r"cond\['label'\]: expected shape \[B\] int with B = 2 \(rank 1\), got shape \(2, 1\)"),
+        ("label batch", dict(cond={"label": np.zeros((3,), np.int32)}), r"cond\['label'\]: .*B = 2.*got shape \(3,\)"),
+        ("label float", dict(cond={"label": np.zeros((2,), np.float32)}), r"cond\['label'\]: expected an int array"),
+        ("array cond", dict(cond=np.zeros((2, 8, 8, 1), np.float32)), r"cond: expected a Mapping with keys from"),
+        ("unknown key", dict(cond={"labels": np.zeros((2,), np.int32)}),
+         r"cond: unknown key\(s\) \['labels'\]; expected keys from \('label', 'image', 'context', 'context_mask', "
+         r"'control', 'aug_level'\)"),
+        ("control", dict(cond={"control": np.zeros((2, 8, 8, 3), np.float32)}),
+         r"cond\['control'\]: given .* ControlNet wrapper consumes"),
+        ("context", dict(cond={"context": np.zeros((2, 3, 4), np.float32)}), r"cond\['context'\]: given .*\(context_dim=None\)"),
+        ("aug_level", dict(cond={"aug_level": np.zeros((2,), np.float32)}),
+         r"cond\['aug_level'\]: given .* aug_level_embedding=False"),
     ],
 )
 def test_bad_inputs_raise(case, kwargs, match):
@@ -520,15 +579,15 @@ def test_bad_inputs_raise(case, kwargs, match):
 
 def test_bad_conditioning_raises(adm_net, cond_net):
     c = cond_net
-    with pytest.raises(ValueError, match=r"cond: expected an image \[B, H, W, 2\]"):
+    with pytest.raises(ValueError, match=r"cond\['image'\]: expected an image \[B, H, W, 2\]"):
         _shape_of(c.model, c.x, c.t)
-    with pytest.raises(ValueError, match=r"cond: expected shape \(2, 8, 8, 2\), got shape \(2, 8, 8, 3\)"):
-        _shape_of(c.model, c.x, c.t, cond=np.zeros((2, 8, 8, 3), np.float32))
-    with pytest.raises(ValueError, match=r"y: expected None for an unconditional network"):
-        _shape_of(c.model, c.x, c.t, cond=c.cond, y=np.zeros((2,), np.int32))
+    with pytest.raises(ValueError, match=r"cond\['image'\]: expected shape \(2, 8, 8, 2\), got shape \(2, 8, 8, 3\)"):
+        _shape_of(c.model, c.x, c.t, cond={"image": np.zeros((2, 8, 8, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"cond\['label'\]: given .* no class embedding \(num_classes=None\)"):
+        _shape_of(c.model, c.x, c.t, cond={**c.cond, "label": np.zeros((2,), np.int32)})
     # Concrete labels outside [0, num_classes] fail before anything runs.
-    with pytest.raises(ValueError, match=r"y: expected labels in \[0, 5\].*max 6"):
-        adm_net.model.apply(adm_net.params, adm_net.x, adm_net.t, y=np.array([0, 6], np.int32))
+    with pytest.raises(ValueError, match=r"cond\['label'\]: expected labels in \[0, 5\].*max 6"):
+        adm_net.model.apply(adm_net.params, adm_net.x, adm_net.t, {"label": np.array([0, 6], np.int32)})
 
 
 @pytest.mark.parametrize(
@@ -540,7 +599,10 @@ def test_bad_conditioning_raises(adm_net, cond_net):
         (dict(dropout=1.0), "dropout"),
         (dict(time_embedding="learned"), "time_embedding"),
         (dict(num_classes=0), "num_classes"),
-        (dict(cond_channels=-1), "cond_channels"),
+        (dict(image_channels=-1), "image_channels"),
+        (dict(context_dim=0), "context_dim"),
+        (dict(context_dim=4, attention_resolutions=(), mid_attention=False), "context_dim: cross-attention follows"),
+        (dict(aug_level_embedding="yes"), "aug_level_embedding"),
         (dict(out_channels=0), "out_channels"),
         (dict(attention_resolutions=16), "attention_resolutions"),
     ],
@@ -588,6 +650,182 @@ def test_cifar10_ddpm_parameter_count():
     assert sorted(attn) == ["down_1_attn_0", "down_1_attn_1", "mid_attn", "up_1_attn_0", "up_1_attn_1", "up_1_attn_2"]
 
 
+# ---------------------------------------------------------------- cross-attention and augmentation level
+
+# LDM-style text conditioning and CDM's augmentation level on one tiny class-conditional network:
+# cross-attention after the 4x4 self-attention blocks (down, middle, up).
+CONTEXT_NET = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=2,
+                   dropout=0.0, num_classes=3, context_dim=6, aug_level_embedding=True)
+
+
+class ContextNet:
+    def __init__(self):
+        rng = np.random.default_rng(41)
+        self.model = UNet(**CONTEXT_NET)
+        self.x = rng.standard_normal((2, 8, 8, 1)).astype(np.float32)
+        self.t = np.array([5, 600], np.int32)
+        self.context = rng.standard_normal((2, 4, 6)).astype(np.float32)
+        self.mask = np.array([[True, True, False, False], [True, False, True, False]])
+        self.cond = {"label": np.array([1, 2], np.int32), "context": self.context, "context_mask": self.mask,
+                     "aug_level": np.array([0.0, 250.0], np.float32)}
+        self.shapes = jax.eval_shape(self.model.init, jax.random.key(0), self.x, self.t, self.cond)
+        # Random values everywhere, the zero-initialised projections (proj_out, conv_out) included.
+        self.params = random_params(self.shapes, seed=42)
+        self._eval = Unoptimised(lambda p, x, t, cond: self.model.apply(p, x, t, cond))
+
+    def run(self, **changes):
+        cond = {k: v for k, v in {**self.cond, **changes}.items() if v is not None}
+        return np.asarray(self._eval(self.params, self.x, self.t, cond))
+
+
+@pytest.fixture(scope="module")
+def context_net():
+    return ContextNet()
+
+
+def test_cross_attention_after_every_self_attention(context_net):
+    enc, dec = context_net.shapes["params"]["encoder"], context_net.shapes["params"]["decoder"]
+    attn = sorted(k for k in {**enc, **dec} if k.endswith(("attn", "attn_0", "attn_1")) and "cross" not in k)
+    cross = sorted(k for k in {**enc, **dec} if "cross_attn" in k)
+    assert cross == sorted(k.replace("attn", "cross_attn") for k in attn)
+    assert cross == ["down_1_cross_attn_0", "mid_cross_attn", "up_1_cross_attn_0", "up_1_cross_attn_1"]
+    chex.assert_shape(enc["mid_cross_attn"]["k"]["kernel"], (6, 16))
+    chex.assert_shape(enc["aug_embed"]["dense1"]["kernel"], (32, 32))
+    # Without the new fields the tree is the plain one: no cross-attention, no aug_embed.
+    plain = jax.eval_shape(UNet(**{**CONTEXT_NET, "context_dim": None, "aug_level_embedding": False}).init,
+                           jax.random.key(0), context_net.x, context_net.t)
+    assert param_count(plain) == param_count(context_net.shapes) - sum(
+        param_count(tree[k]) for tree in (enc, dec) for k in tree if "cross_attn" in k or k == "aug_embed")
+
+
+def test_context_changes_the_output_and_masked_tokens_do_not(context_net):
+    c = context_net
+    base = c.run()
+    chex.assert_tree_all_finite(base)
+    other = c.context + np.float32(1.0) * np.where(c.mask[..., None], 1.0, 0.0).astype(np.float32)
+    assert np.abs(c.run(context=other) - base).max() > 1e-4
+    # Tokens whose mask is False have no effect at all: bit-identical output.
+    junk = np.where(c.mask[..., None], c.context, np.float32(1e3)).astype(np.float32)
+    np.testing.assert_array_equal(c.run(context=junk), base)
+    # No mask means every token is real.
+    assert np.abs(c.run(context_mask=None) - base).max() > 1e-4
+    np.testing.assert_allclose(c.run(context_mask=None), c.run(context_mask=np.ones_like(c.mask)), rtol=RTOL, atol=ATOL)
+
+
+def test_all_masked_context_is_the_null_context(context_net):
+    c = context_net
+    empty = c.run(context_mask=np.zeros_like(c.mask))
+    chex.assert_tree_all_finite(empty)
+    # Only the learned null token is visible: the same output as no context at all, whatever the tokens hold.
+    np.testing.assert_array_equal(empty, c.run(context=None, context_mask=None))
+    np.testing.assert_array_equal(empty, c.run(context=c.context * 7.0, context_mask=np.zeros_like(c.mask)))
+    assert np.abs(empty - c.run()).max() > 1e-4
+
+
+def test_aug_level_changes_the_output_and_is_required(context_net):
+    c = context_net
+    assert np.abs(c.run(aug_level=c.cond["aug_level"] + 100.0) - c.run()).max() > 1e-4
+    no_aug = {k: v for k, v in c.cond.items() if k != "aug_level"}
+    with pytest.raises(ValueError, match=r"cond\['aug_level'\]: expected a \[B\] augmentation level"):
+        _shape_of(c.model, c.x, c.t, cond=no_aug)
+    with pytest.raises(ValueError, match=r"cond\['aug_level'\]: expected shape \[B\] with B = 2 \(rank 1\), got shape \(2, 1\)"):
+        _shape_of(c.model, c.x, c.t, cond={**c.cond, "aug_level": np.zeros((2, 1), np.float32)})
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(context=np.zeros((2, 4, 5), np.float32)), r"cond\['context'\]: expected shape \(2, 4, 6\), got shape \(2, 4, 5\)"),
+        (dict(context=np.zeros((2, 4), np.float32)), r"cond\['context'\]: expected shape \[B, L, D\] with B = 2 \(rank 3\), got shape \(2, 4\)"),
+        (dict(context_mask=np.ones((2, 3), bool)), r"cond\['context_mask'\]: expected shape \(2, 4\) .* got shape \(2, 3\)"),
+        (dict(context_mask=np.ones((2, 4), np.int32)), r"cond\['context_mask'\]: expected a bool array"),
+        (dict(context=None), r"cond\['context_mask'\]: given without cond\['context'\]"),
+        (dict(label=np.zeros((2,), np.float32)), r"cond\['label'\]: expected an int array, got dtype float32"),
+        (dict(control=np.zeros((2, 8, 8, 3), np.float32)), r"cond\['control'\]: .*ControlNet wrapper consumes"),
+        (dict(text=np.zeros((2, 4, 6), np.float32)), r"unknown key\(s\) \['text'\]; expected keys from \('label', "),
+    ],
+)
+def test_bad_context_inputs_raise(context_net, change, match):
+    c = context_net
+    cond = {k: v for k, v in {**c.cond, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=match):
+        _shape_of(c.model, c.x, c.t, cond=cond)
+
+
+def test_encoder_carries_the_context_to_the_decoder(context_net):
+    c = context_net
+    fields = {k: v for k, v in CONTEXT_NET.items()}
+    encoder = UNetEncoder(**fields)
+    enc = jax.eval_shape(encoder.apply, {"params": c.params["params"]["encoder"]}, c.x, c.t, c.cond)
+    assert enc.context.shape == (2, 4, 6) and enc.context_mask.shape == (2, 4)
+    null = jax.eval_shape(encoder.apply, {"params": c.params["params"]["encoder"]}, c.x, c.t, {"aug_level": c.cond["aug_level"]})
+    assert null.context.shape == (2, 1, 6) and null.context_mask.dtype == jnp.bool_
+    decoder = UNetDecoder(out_channels=1, **fields)
+    with pytest.raises(ValueError, match=r"enc.context: expected the encoder's \[B, L, 6\] context tokens"):
+        jax.eval_shape(decoder.apply, {"params": c.params["params"]["decoder"]}, enc._replace(context=None))
+    assert jax.eval_shape(decoder.apply, {"params": c.params["params"]["decoder"]}, enc).shape == (2, 8, 8, 1)
+
+
+def test_context_network_in_bfloat16(context_net):
+    m = UNet(**{**CONTEXT_NET, "dtype": jnp.bfloat16})
+    c = context_net
+    shapes = jax.eval_shape(m.init, jax.random.key(0), c.x, c.t, c.cond)
+    assert {s.dtype for s in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+    assert jax.eval_shape(m.apply, shapes, c.x, c.t, c.cond).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- registry
+
+
+class _TinyNet(flax.linen.Module):
+    features: int = 3
+
+    @flax.linen.compact
+    def __call__(self, x):
+        return flax.linen.Dense(self.features)(x)
+
+
+def test_registry_builds_by_name_and_import_path():
+    assert models.MODELS["unet"] is UNet and models.MODELS["classifier"] is NoiseAwareClassifier
+    cfg = ml_collections.ConfigDict({**CONFIGS["adm"][0], "channel_mult": [1, 2]})
+    m = models.build("unet", cfg, num_heads=2)
+    assert isinstance(m, UNet) and m.channel_mult == (1, 2) and m.num_heads == 2 and m.num_classes == 5
+    assert models.build("classifier", {"num_classes": 3}).num_classes == 3
+    dotted = models.build("jdiff.models.unet:UNet", {"base_channels": 8})
+    assert type(dotted) is UNet and dotted.base_channels == 8
+    dense = models.build("flax.linen:Dense", None, features=5)
+    assert type(dense) is flax.linen.Dense and dense.features == 5
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bogus'\]"):
+        models.build("unet", {"bogus": 1})
+    with pytest.raises(ValueError, match=r"name: unknown model 'unett'; expected one of \['classifier', 'unet'"):
+        models.build("unett", {})
+    with pytest.raises(ValueError, match=r"cannot import module 'jdiff.no_such_module'"):
+        models.build("jdiff.no_such_module:Net", {})
+    with pytest.raises(ValueError, match=r"has no attribute 'Nope'"):
+        models.build("jdiff.models.unet:Nope", {})
+    with pytest.raises(ValueError, match=r"expected a flax.linen.Module subclass"):
+        models.build("jdiff.models.unet:module_from_config", {})
+
+
+def test_registry_register():
+    models.register("tiny_test_net", _TinyNet)
+    try:
+        assert models.build("tiny_test_net", {"features": 2}).features == 2
+        with pytest.raises(ValueError, match=r"'tiny_test_net' is already registered"):
+            models.register("tiny_test_net", _TinyNet)
+    finally:
+        del models.MODELS["tiny_test_net"]
+    with pytest.raises(ValueError, match=r"'unet' is already registered"):
+        models.register("unet", _TinyNet)
+    with pytest.raises(ValueError, match=r"expected a flax.linen.Module subclass"):
+        models.register("not_a_module", dict)
+    with pytest.raises(ValueError, match=r"expected a flax.linen.Module subclass"):
+        models.register("an_instance", _TinyNet())
+    with pytest.raises(ValueError, match=r"name: expected a non-empty string without ':'"):
+        models.register("a:b", _TinyNet)
+    assert "not_a_module" not in models.MODELS and "an_instance" not in models.MODELS
+
+
 # ---------------------------------------------------------------- classifier
 
 CLASSIFIER = dict(num_classes=4, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=2)
@@ -630,3 +868,22 @@ def test_classifier_bad_inputs_and_config():
     cfg.learn_sigma = True
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['learn_sigma'\]"):
         NoiseAwareClassifier.from_config(cfg)
+
+
+
+def test_classifier_takes_the_trunk_conditioning():
+    m = NoiseAwareClassifier(**{**CLASSIFIER, "image_channels": 2, "aug_level_embedding": True})
+    x, t = np.zeros((3, 8, 8, 1), np.float32), np.zeros((3,), np.int32)
+    cond = {"image": np.zeros((3, 8, 8, 2), np.float32), "aug_level": np.zeros((3,), np.float32)}
+    shapes = jax.eval_shape(m.init, jax.random.key(0), x, t, cond)
+    assert "aug_embed" in shapes["params"]["encoder"]
+    assert shapes["params"]["encoder"]["conv_in"]["kernel"].shape == (3, 3, 3, 8)
+    assert jax.eval_shape(m.apply, shapes, x, t, cond).shape == (3, 4)
+    with pytest.raises(ValueError, match=r"cond\['image'\]: expected an image \[B, H, W, 2\]"):
+        jax.eval_shape(m.init, jax.random.key(0), x, t, {"aug_level": cond["aug_level"]})
+    with pytest.raises(ValueError, match=r"cond\['label'\]: given .* a classifier predicts the label"):
+        jax.eval_shape(m.init, jax.random.key(0), x, t, {**cond, "label": np.zeros((3,), np.int32)})
+    with pytest.raises(ValueError, match=r"cond\['context'\]: given .*\(context_dim=None\)"):
+        jax.eval_shape(m.init, jax.random.key(0), x, t, {**cond, "context": np.zeros((3, 2, 4), np.float32)})
+    with pytest.raises(ValueError, match="context_dim"):
+        NoiseAwareClassifier(**{**CLASSIFIER, "context_dim": -1})

@@ -13,6 +13,9 @@ def test_readme_python_snippets_run():
     namespace: dict = {}
     exec(compile("\n".join(blocks), "README.md", "exec"), namespace)  # noqa: S102
     assert namespace["x"].shape == (8000, 2)
+    # The editing snippet's known pixels end exactly at the known image.
+    edited, known = namespace["edited"], namespace["known"]
+    assert (edited[:, :, :4] == known[:, :, :4]).all()
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -1,10 +1,11 @@
-"""Flax (linen) networks. They know nothing of diffusion: no schedules, only (x, t, y, cond)."""
+"""Flax (linen) networks. They know nothing of diffusion: no schedules, only (x, t, cond)."""
 
-from jdiff.models import classifier, layers, unet
+from jdiff.models import classifier, layers, registry, unet
 from jdiff.models.classifier import NoiseAwareClassifier
 from jdiff.models.layers import (
     AttentionBlock,
     AttentionPool2d,
+    CrossAttention,
     Downsample,
     ResBlock,
     TimestepEmbedding,
@@ -12,6 +13,7 @@ from jdiff.models.layers import (
     fourier_features,
     sinusoidal_embedding,
 )
+from jdiff.models.registry import MODELS, build, register, resolve
 from jdiff.models.unet import EncoderOutput, UNet, UNetDecoder, UNetEncoder, cifar10_ddpm_unet, module_from_config
 
 __all__ = [
@@ -22,10 +24,15 @@ __all__ = [
     "NoiseAwareClassifier",
     "cifar10_ddpm_unet",
     "module_from_config",
+    "MODELS",
+    "register",
+    "resolve",
+    "build",
     "TimestepEmbedding",
     "ResBlock",
     "AttentionBlock",
     "AttentionPool2d",
+    "CrossAttention",
     "Downsample",
     "Upsample",
     "sinusoidal_embedding",

@@ -7,7 +7,7 @@ swish -> attention pooling (ADM's "attention" pool) or spatial mean -> Dense ("m
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,9 +29,12 @@ class NoiseAwareClassifier(nn.Module):
     fields (see :class:`~jdiff.models.unet.UNetEncoder`); the defaults follow ADM's classifier
     (scale-shift norm, residual up/down blocks) at a small width.
 
-    Call: ``x: [B, H, W, C]`` float, ``t: [B]`` int or float, ``train`` enables dropout.
-    The attention pool's positional embedding is sized by the input at init, so apply it at
-    the resolution it was initialised with.
+    Call: ``x: [B, H, W, C]`` float, ``t: [B]`` int or float, ``cond`` None or a
+    :mod:`jdiff.conditioning` mapping for the trunk ("image" iff ``image_channels``, "context" /
+    "context_mask" with ``context_dim``, "aug_level" iff ``aug_level_embedding``; never "label",
+    which is what the classifier predicts), ``train`` enables dropout. The attention pool's
+    positional embedding is sized by the input at init, so apply it at the resolution it was
+    initialised with.
     """
 
     num_classes: int = 10
@@ -46,6 +49,9 @@ class NoiseAwareClassifier(nn.Module):
     conv_resample: bool = True
     scale_shift_norm: bool = True
     mid_attention: bool = True
+    image_channels: int = 0
+    context_dim: Optional[int] = None
+    aug_level_embedding: bool = False
     time_embedding: str = "sinusoidal"
     fourier_scale: float = 16.0
     fourier_seed: int = 0
@@ -65,14 +71,22 @@ class NoiseAwareClassifier(nn.Module):
         return module_from_config(cls, cfg, **overrides)
 
     @nn.compact
-    def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, t: jax.Array, cond: Optional[Mapping[str, jax.Array]] = None, train: bool = False
+    ) -> jax.Array:
+        if isinstance(cond, Mapping) and "label" in cond:
+            raise ValueError(
+                f"cond['label']: given (shape {np.shape(cond['label'])}) but a classifier predicts the label; "
+                "pass the labels to the loss or to log_prob_fn instead"
+            )
         trunk = {
             k: getattr(self, k)
             for k in ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                       "dropout", "resblock_updown", "conv_resample", "scale_shift_norm", "mid_attention",
+                      "image_channels", "context_dim", "aug_level_embedding",
                       "time_embedding", "fourier_scale", "fourier_seed", "dtype")
         }
-        h = UNetEncoder(**trunk, name="encoder")(x, t, train=train).h
+        h = UNetEncoder(**trunk, name="encoder")(x, t, cond, train=train).h
         h = nn.swish(group_norm(h.shape[-1], self.dtype, name="norm_out")(h))
         if self.pool == "attention":
             logits = AttentionPool2d(self.num_classes, self.num_heads, self.dtype, name="attention_pool")(h)

@@ -7,7 +7,8 @@ normalisation statistics and attention softmaxes are computed in float32 whateve
 Sources: Ho et al. 2020 (DDPM, appendix B and the reference ``diffusion_tf`` U-Net),
 Dhariwal & Nichol 2021 (ADM: adaptive group norm, BigGAN up/down residual blocks,
 multi-head attention, attention pooling), Song et al. 2021 (score SDE: random Fourier
-features), Vaswani et al. 2017 (sinusoidal embedding, scaled dot-product attention).
+features), Vaswani et al. 2017 (sinusoidal embedding, scaled dot-product attention), Rombach
+et al. 2022 (LDM: cross-attention to context tokens).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "TimestepEmbedding",
     "ResBlock",
     "AttentionBlock",
+    "CrossAttention",
     "Downsample",
     "Upsample",
     "AttentionPool2d",
@@ -304,9 +306,59 @@ class AttentionBlock(nn.Module):
         )
         heads = lambda a: a.reshape(B, H * W, self.num_heads, d)
         q, k, v = (heads(dense(n)(h)) for n in ("q", "k", "v"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(B, H, W, C)
+        # Logits and softmax in float32 whatever the dtype (XLA implementation).
+        out = jax.nn.dot_product_attention(q, k, v).reshape(B, H, W, C)
+        return x + dense("proj_out", 0.0)(out)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention from the H x W positions to context tokens, residual
+    (Rombach et al. 2022, LDM sec. 3.3; GLIDE / Imagen's text conditioning).
+
+    out = x + proj_out(MHA(q = Dense(GN(x)), k, v = [null; Dense(context)], mask = [True; mask]))
+
+    One learned null key/value token is always visible, so a context whose every token is masked
+    out (the null conditioning of classifier-free guidance) attends to it alone: the output is
+    well defined, finite, and the same whatever the masked tokens hold. ``proj_out`` is
+    zero-initialised, so a fresh block is the identity.
+
+    Call: ``x: [B, H, W, C]``, ``context: [B, L, D]`` float, ``context_mask: [B, L]`` bool
+    (True = real token) or None (every token real) -> ``[B, H, W, C]``. C must be divisible by
+    ``num_heads``.
+    """
+
+    num_heads: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array, context_mask: Optional[jax.Array] = None) -> jax.Array:
+        B, H, W, C = x.shape
+        if self.num_heads < 1 or C % self.num_heads:
+            raise ValueError(f"num_heads: expected a positive divisor of the channel count {C}, got {self.num_heads}")
+        if np.ndim(context) != 3 or np.shape(context)[0] != B:
+            raise ValueError(f"context: expected shape [{B}, L, D], got shape {tuple(np.shape(context))}")
+        L = np.shape(context)[1]
+        if context_mask is None:
+            context_mask = jnp.ones((B, L), bool)
+        if tuple(np.shape(context_mask)) != (B, L) or jnp.result_type(context_mask) != jnp.bool_:
+            raise ValueError(
+                f"context_mask: expected a bool array of shape {(B, L)}, got shape {tuple(np.shape(context_mask))} "
+                f"dtype {jnp.result_type(context_mask)}"
+            )
+        d = C // self.num_heads
+        dense = lambda name, scale=1.0: nn.Dense(
+            C, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=default_init(scale), name=name
+        )
+        h = group_norm(C, self.dtype, name="norm")(x)
+        q = dense("q")(h).reshape(B, H * W, self.num_heads, d)
+        ctx = context.astype(self.dtype)
+        null_token = lambda name: jnp.broadcast_to(
+            self.param(name, nn.initializers.normal(1.0), (C,), jnp.float32).astype(self.dtype), (B, 1, C)
+        )
+        k = jnp.concatenate([null_token("null_key"), dense("k")(ctx)], axis=1).reshape(B, L + 1, self.num_heads, d)
+        v = jnp.concatenate([null_token("null_value"), dense("v")(ctx)], axis=1).reshape(B, L + 1, self.num_heads, d)
+        mask = jnp.concatenate([jnp.ones((B, 1), bool), context_mask], axis=1)[:, None, None, :]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(B, H, W, C)
         return x + dense("proj_out", 0.0)(out)
 
 

@@ -1,6 +1,10 @@
 """The diffusion U-Net (Ho et al. 2020, appendix B; Dhariwal & Nichol 2021, ADM).
 
-Images are NHWC. The network is split into an encoder (time/class embedding, input conv,
+Images are NHWC. The network is called ``UNet(...).apply(params, x, t, cond)`` with ``cond`` a
+mapping of :mod:`jdiff.conditioning` kinds: a class label (learned embedding with a null row,
+Ho & Salimans 2022), an image concatenated to the input (super-resolution, SR3 / CDM), context
+tokens for cross-attention (LDM, Rombach et al. 2022) and a noise-augmentation level (CDM, Ho
+et al. 2022). The network is split into an encoder (time/class embedding, input conv,
 downsampling levels, middle block) and a decoder (upsampling levels fed by the encoder's skip
 connections, output head), so a ControlNet (Zhang et al. 2023) can run a trainable copy of
 :class:`UNetEncoder` with the very same parameter tree and feed its outputs back through
@@ -21,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import conditioning
 from jdiff.models.layers import (
     TIME_EMBEDDINGS,
     AttentionBlock,
+    CrossAttention,
     Downsample,
     Dtype,
     ResBlock,
@@ -64,7 +70,8 @@ def module_from_config(cls, cfg: Any, **overrides) -> nn.Module:
 
 
 def validate_trunk_fields(m: nn.Module) -> None:
-    """Raise a ValueError naming the first bad architecture field of a U-Net-like module."""
+    """Raise a ValueError naming the first bad architecture field of a U-Net-like module (one with
+    the trunk fields of ``_UNetFields``, class embedding aside)."""
 
     def bad(name, expected):
         return ValueError(f"{name}: expected {expected}, got {getattr(m, name)!r}")
@@ -86,23 +93,40 @@ def validate_trunk_fields(m: nn.Module) -> None:
         raise bad("dropout", "a rate in [0, 1)")
     if m.time_embedding not in TIME_EMBEDDINGS:
         raise bad("time_embedding", f"one of {TIME_EMBEDDINGS}")
+    if not isinstance(m.image_channels, (int, np.integer)) or isinstance(m.image_channels, bool) or m.image_channels < 0:
+        raise bad("image_channels", "a non-negative int")
+    if m.context_dim is not None:
+        if not positive_int(m.context_dim):
+            raise bad("context_dim", "None or a positive int")
+        if not m.mid_attention and not m.attention_resolutions:
+            raise ValueError(
+                f"context_dim: cross-attention follows the self-attention blocks, but there are none "
+                f"(attention_resolutions=(), mid_attention=False); got context_dim={m.context_dim}"
+            )
+    if not isinstance(m.aug_level_embedding, (bool, np.bool_)):
+        raise bad("aug_level_embedding", "a bool")
 
 
 class EncoderOutput(NamedTuple):
     """What :class:`UNetEncoder` returns.
 
-    emb: ``[B, 4 * base_channels]`` time (+ class) embedding.
+    emb: ``[B, 4 * base_channels]`` time (+ class, + augmentation level) embedding.
     skips: the skip connections, shallowest first (input conv, then every block and downsample).
     h: the middle block's output ``[B, H / 2**(L-1), W / 2**(L-1), C_mid]``.
+    context, context_mask: ``[B, L, context_dim]`` and ``[B, L]`` bool, the cross-attention
+      tokens the decoder attends to (the null ``[B, 1, context_dim]`` zeros, all masked, when
+      ``cond`` had none); None when the network has no cross-attention (``context_dim=None``).
     """
 
     emb: jax.Array
     skips: tuple
     h: jax.Array
+    context: Optional[jax.Array] = None
+    context_mask: Optional[jax.Array] = None
 
 
 class _UNetFields(nn.Module):
-    """Architecture fields shared by :class:`UNetEncoder` and :class:`UNet`.
+    """Architecture fields shared by :class:`UNetEncoder`, :class:`UNetDecoder` and :class:`UNet`.
 
     base_channels: channels of the first level (DDPM: 128).
     channel_mult: per-level channel multipliers; len(channel_mult) - 1 downsamplings.
@@ -115,8 +139,15 @@ class _UNetFields(nn.Module):
     mid_attention: self-attention in the middle block (DDPM always has it).
     num_classes: None, or the number of classes of a learned class embedding with
       ``num_classes + 1`` rows; row ``num_classes`` is the null class of classifier-free
-      guidance (Ho & Salimans 2022), used when ``y`` is None.
-    cond_channels: channels of an image concatenated to ``x`` (super-resolution, inpainting).
+      guidance (Ho & Salimans 2022), used when ``cond`` has no "label".
+    image_channels: channels of ``cond["image"]``, concatenated to ``x`` (super-resolution,
+      inpainting); 0 for none.
+    context_dim: None, or the width D of ``cond["context"]`` ``[B, L, D]``: a
+      :class:`~jdiff.models.layers.CrossAttention` block follows every self-attention block
+      (down, middle and up), LDM-style (Rombach et al. 2022, sec. 3.3).
+    aug_level_embedding: embed ``cond["aug_level"]`` ``[B]`` (in the units of ``t``) with its own
+      time embedding and add it to the time embedding: the noise-conditioning augmentation of
+      cascaded diffusion (Ho et al. 2022, CDM sec. 4.1).
     time_embedding: "sinusoidal" (DDPM) or "fourier" (score SDE), with fourier_scale / seed.
     dtype: computation dtype; parameters are float32 and the output is float32.
     """
@@ -132,7 +163,9 @@ class _UNetFields(nn.Module):
     scale_shift_norm: bool = False
     mid_attention: bool = True
     num_classes: Optional[int] = None
-    cond_channels: int = 0
+    image_channels: int = 0
+    context_dim: Optional[int] = None
+    aug_level_embedding: bool = False
     time_embedding: str = "sinusoidal"
     fourier_scale: float = 16.0
     fourier_seed: int = 0
@@ -142,8 +175,6 @@ class _UNetFields(nn.Module):
         validate_trunk_fields(self)
         if self.num_classes is not None and (not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 1):
             raise ValueError(f"num_classes: expected None or a positive int, got {self.num_classes!r}")
-        if not isinstance(self.cond_channels, (int, np.integer)) or self.cond_channels < 0:
-            raise ValueError(f"cond_channels: expected a non-negative int, got {self.cond_channels!r}")
         super().__post_init__()
 
     @classmethod
@@ -155,8 +186,16 @@ class _UNetFields(nn.Module):
         names = {f.name for f in dataclasses.fields(target)} - {"parent", "name"}
         return {n: getattr(self, n) for n in names if hasattr(self, n)}
 
-    def _validate_inputs(self, x, t, y, cond) -> None:
-        """Static-shape checks, run while tracing (before XLA compiles anything)."""
+    def _attention(self, h: jax.Array, context, context_mask, name: str) -> jax.Array:
+        """Self-attention ``name``, then (with ``context_dim``) cross-attention to the context."""
+        h = AttentionBlock(self.num_heads, self.dtype, name=name)(h)
+        if self.context_dim is not None:
+            h = CrossAttention(self.num_heads, self.dtype, name=name.replace("attn", "cross_attn"))(h, context, context_mask)
+        return h
+
+    def _validate_inputs(self, x, t, cond) -> dict:
+        """Static-shape checks, run while tracing (before XLA compiles anything). Returns ``cond``
+        as a dict ({} for None)."""
         if np.ndim(x) != 4:
             raise ValueError(f"x: expected rank 4 [B, H, W, C] (NHWC), got shape {_shape(x)}")
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
@@ -169,32 +208,62 @@ class _UNetFields(nn.Module):
             )
         if np.ndim(t) != 1 or _shape(t)[0] != B:
             raise ValueError(f"t: expected shape [{B}] (one time per example of x), got shape {_shape(t)}")
-        if self.cond_channels:
-            if cond is None:
-                raise ValueError(f"cond: expected an image [B, H, W, {self.cond_channels}] (cond_channels={self.cond_channels}), got None")
-            if _shape(cond) != (B, H, W, self.cond_channels):
-                raise ValueError(f"cond: expected shape {(B, H, W, self.cond_channels)}, got shape {_shape(cond)}")
-        elif cond is not None:
-            raise ValueError(f"cond: expected None since cond_channels=0, got an array of shape {_shape(cond)}")
-        if y is not None:
-            if self.num_classes is None:
-                raise ValueError(f"y: expected None for an unconditional network (num_classes=None), got shape {_shape(y)}")
-            if _shape(y) != (B,) or not jnp.issubdtype(jnp.result_type(y), jnp.integer):
-                raise ValueError(f"y: expected int labels of shape [{B}], got shape {_shape(y)} dtype {jnp.result_type(y)}")
-            if not isinstance(y, jax.core.Tracer):
-                yv = np.asarray(y)
-                if yv.min() < 0 or yv.max() > self.num_classes:
-                    raise ValueError(
-                        f"y: expected labels in [0, {self.num_classes}] ({self.num_classes} = null class), "
-                        f"got min {yv.min()}, max {yv.max()}"
-                    )
+        cond = {} if cond is None else cond
+        conditioning.check(cond, B)
+        cond = dict(cond)
+
+        def expect(key, shape):
+            if _shape(cond[key]) != shape:
+                raise ValueError(f"cond[{key!r}]: expected shape {shape}, got shape {_shape(cond[key])}")
+
+        def unused(key, why):
+            if key in cond:
+                raise ValueError(f"cond[{key!r}]: given (shape {_shape(cond[key])}) but {why}")
+
+        unused("control", "a plain UNet takes no control image: a ControlNet wrapper consumes cond['control'] "
+                          "and feeds the U-Net skip_residuals / input_residual")
+        if self.num_classes is None:
+            unused("label", "the network has no class embedding (num_classes=None)")
+        elif "label" in cond and not isinstance(cond["label"], jax.core.Tracer):
+            labels = np.asarray(cond["label"])
+            if labels.min() < 0 or labels.max() > self.num_classes:
+                raise ValueError(
+                    f"cond['label']: expected labels in [0, {self.num_classes}] ({self.num_classes} = null class), "
+                    f"got min {labels.min()}, max {labels.max()}"
+                )
+        if self.image_channels:
+            if "image" not in cond:
+                raise ValueError(
+                    f"cond['image']: expected an image [B, H, W, {self.image_channels}] (image_channels="
+                    f"{self.image_channels}), got none; cond has keys {sorted(cond)}"
+                )
+            expect("image", (B, H, W, self.image_channels))
+        else:
+            unused("image", "image_channels=0")
+        if self.context_dim is not None:
+            if "context" in cond:
+                expect("context", (B, _shape(cond["context"])[1], self.context_dim))
+        else:
+            unused("context", "the network has no cross-attention (context_dim=None)")
+        if self.aug_level_embedding:
+            if "aug_level" not in cond:
+                raise ValueError(
+                    f"cond['aug_level']: expected a [B] augmentation level (aug_level_embedding=True), got none; "
+                    f"cond has keys {sorted(cond)}"
+                )
+            if not (jnp.issubdtype(jnp.result_type(cond["aug_level"]), jnp.integer)
+                    or jnp.issubdtype(jnp.result_type(cond["aug_level"]), jnp.floating)):
+                raise ValueError(f"cond['aug_level']: expected an int or float array, got dtype {jnp.result_type(cond['aug_level'])}")
+        else:
+            unused("aug_level", "aug_level_embedding=False")
+        return cond
 
 
 class UNetEncoder(_UNetFields):
     """Embedding, input conv, downsampling levels and middle block of the U-Net.
 
-    Call: ``x: [B, H, W, C]``, ``t: [B]`` int or float, ``y: [B]`` int or None, ``cond:
-    [B, H, W, cond_channels]`` or None, ``input_residual: [B, H, W, base_channels]`` or None
+    Call: ``x: [B, H, W, C]``, ``t: [B]`` int or float, ``cond`` a :mod:`jdiff.conditioning`
+    mapping or None (see :class:`UNet`), ``input_residual: [B, H, W, base_channels]`` or None
     (added after the input conv: ControlNet's entry point for the control image).
     Returns :class:`EncoderOutput`.
     """
@@ -204,28 +273,39 @@ class UNetEncoder(_UNetFields):
         self,
         x: jax.Array,
         t: jax.Array,
-        y: Optional[jax.Array] = None,
-        cond: Optional[jax.Array] = None,
+        cond: Optional[Mapping[str, jax.Array]] = None,
         train: bool = False,
         input_residual: Optional[jax.Array] = None,
     ) -> EncoderOutput:
-        self._validate_inputs(x, t, y, cond)
+        cond = self._validate_inputs(x, t, cond)
         B, H, W, _ = x.shape
         ch = self.base_channels
         if input_residual is not None and _shape(input_residual) != (B, H, W, ch):
             raise ValueError(f"input_residual: expected shape {(B, H, W, ch)}, got shape {_shape(input_residual)}")
 
-        emb = TimestepEmbedding(
-            ch, 4 * ch, self.time_embedding, self.fourier_scale, self.fourier_seed, self.dtype, name="time_embed"
-        )(t)
+        time_embed = lambda name: TimestepEmbedding(
+            ch, 4 * ch, self.time_embedding, self.fourier_scale, self.fourier_seed, self.dtype, name=name
+        )
+        emb = time_embed("time_embed")(t)
         if self.num_classes is not None:
-            labels = jnp.full((B,), self.num_classes, jnp.int32) if y is None else y
+            labels = cond.get("label", jnp.full((B,), self.num_classes, jnp.int32))
             emb = emb + nn.Embed(
                 self.num_classes + 1, 4 * ch, dtype=self.dtype, param_dtype=jnp.float32, name="class_embed"
             )(labels)
+        if self.aug_level_embedding:
+            emb = emb + time_embed("aug_embed")(cond["aug_level"])
 
-        if cond is not None:
-            x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
+        context = context_mask = None
+        if self.context_dim is not None:
+            if "context" in cond:
+                context = cond["context"]
+                context_mask = cond.get("context_mask", jnp.ones(_shape(context)[:2], bool))
+            else:  # The null conditioning: one zero token, masked out (only the null token is seen).
+                context = jnp.zeros((B, 1, self.context_dim), self.dtype)
+                context_mask = jnp.zeros((B, 1), bool)
+
+        if self.image_channels:
+            x = jnp.concatenate([x, cond["image"].astype(x.dtype)], axis=-1)
         h = nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=default_init(), name="conv_in")(x.astype(self.dtype))
         if input_residual is not None:
@@ -237,7 +317,7 @@ class UNetEncoder(_UNetFields):
             for i in range(self.num_res_blocks):
                 h = ResBlock(ch * mult, **res, name=f"down_{level}_block_{i}")(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
-                    h = AttentionBlock(self.num_heads, self.dtype, name=f"down_{level}_attn_{i}")(h)
+                    h = self._attention(h, context, context_mask, f"down_{level}_attn_{i}")
                 skips.append(h)
             if level != last:
                 if self.resblock_updown:
@@ -248,42 +328,43 @@ class UNetEncoder(_UNetFields):
 
         h = ResBlock(**res, name="mid_block_1")(h, emb, train)
         if self.mid_attention:
-            h = AttentionBlock(self.num_heads, self.dtype, name="mid_attn")(h)
+            h = self._attention(h, context, context_mask, "mid_attn")
         h = ResBlock(**res, name="mid_block_2")(h, emb, train)
-        return EncoderOutput(emb, tuple(skips), h)
+        return EncoderOutput(emb, tuple(skips), h, context, context_mask)
 
 
-class UNetDecoder(nn.Module):
+class UNetDecoder(_UNetFields):
     """Upsampling levels and output head: consumes :class:`EncoderOutput` (DDPM appendix B).
 
-    Each level runs ``num_res_blocks + 1`` residual blocks on ``concat(h, skip)``; the head is
-    GroupNorm -> swish -> 3x3 conv, zero-initialised so a fresh U-Net outputs exactly 0 (as in
-    DDPM and vdm). Returns ``[B, H, W, out_channels]`` float32.
+    Fields: ``out_channels`` (required, keyword) and the trunk fields of ``_UNetFields``; it reads
+    base_channels, channel_mult, num_res_blocks, attention_resolutions, num_heads, dropout,
+    resblock_updown, conv_resample, scale_shift_norm, context_dim and dtype (the encoder-only
+    fields are accepted so one set of fields builds both halves, and ignored).
+
+    Each level runs ``num_res_blocks + 1`` residual blocks on ``concat(h, skip)``, with
+    self-attention (and cross-attention to ``enc.context`` when ``context_dim`` is set) at the
+    attention resolutions; the head is GroupNorm -> swish -> 3x3 conv, zero-initialised so a
+    fresh U-Net outputs exactly 0 (as in DDPM and vdm). Returns ``[B, H, W, out_channels]`` float32.
     """
 
-    out_channels: int
-    base_channels: int = 128
-    channel_mult: Sequence[int] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: Sequence[int] = (16,)
-    num_heads: int = 1
-    dropout: float = 0.1
-    resblock_updown: bool = False
-    conv_resample: bool = True
-    scale_shift_norm: bool = False
-    dtype: Dtype = jnp.float32
+    out_channels: int = dataclasses.field(kw_only=True)
 
     @nn.compact
     def __call__(self, enc: EncoderOutput, train: bool = False) -> jax.Array:
-        emb, skips, h = enc
-        skips = list(skips)
+        emb, h = enc.emb, enc.h
+        skips = list(enc.skips)
+        if self.context_dim is not None and enc.context is None:
+            raise ValueError(
+                f"enc.context: expected the encoder's [B, L, {self.context_dim}] context tokens "
+                f"(context_dim={self.context_dim}), got None"
+            )
         res = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, dtype=self.dtype)
         for level in reversed(range(len(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = ResBlock(self.base_channels * self.channel_mult[level], **res, name=f"up_{level}_block_{i}")(h, emb, train)
                 if h.shape[1] in self.attention_resolutions:
-                    h = AttentionBlock(self.num_heads, self.dtype, name=f"up_{level}_attn_{i}")(h)
+                    h = self._attention(h, enc.context, enc.context_mask, f"up_{level}_attn_{i}")
             if level != 0:
                 if self.resblock_updown:
                     h = ResBlock(resample="up", **res, name=f"up_{level}_upsample")(h, emb, train)
@@ -297,20 +378,28 @@ class UNetDecoder(nn.Module):
 
 
 class UNet(_UNetFields):
-    """The diffusion U-Net: ``UNet(...).apply(params, x, t, y=None, cond=None)``.
+    """The diffusion U-Net: ``UNet(...).apply(params, x, t, cond)``.
 
     Fields: the architecture fields documented on ``_UNetFields`` (base_channels, channel_mult,
     num_res_blocks, attention_resolutions, num_heads, dropout, resblock_updown, conv_resample,
-    scale_shift_norm, mid_attention, num_classes, cond_channels, time_embedding, fourier_scale,
-    fourier_seed, dtype), plus ``out_channels`` (None: the channels of ``x``)
-    and ``learn_sigma`` (double the output to ``2 * out_channels``: [eps, variance
-    interpolation v], Nichol & Dhariwal 2021 eq. 15).
+    scale_shift_norm, mid_attention, num_classes, image_channels, context_dim,
+    aug_level_embedding, time_embedding, fourier_scale, fourier_seed, dtype), plus
+    ``out_channels`` (None: the channels of ``x``) and ``learn_sigma`` (double the output to
+    ``2 * out_channels``: [eps, variance interpolation v], Nichol & Dhariwal 2021 eq. 15).
 
     Call:
       x: ``[B, H, W, C]`` float, H and W divisible by ``2**(len(channel_mult) - 1)``.
       t: ``[B]`` int or float.
-      y: ``[B]`` int labels in [0, num_classes] or None (the null class); only if num_classes.
-      cond: ``[B, H, W, cond_channels]`` image concatenated to x, iff cond_channels > 0.
+      cond: None or a mapping with keys from :data:`jdiff.conditioning.KINDS`:
+        "label" ``[B]`` int in [0, num_classes] (only if num_classes; missing: the null class
+          num_classes);
+        "image" ``[B, H, W, image_channels]``, concatenated to x (required iff image_channels > 0);
+        "context" ``[B, L, context_dim]`` and "context_mask" ``[B, L]`` bool (only if context_dim;
+          missing: the null context, which only the learned null token answers; no mask: every
+          token is real);
+        "aug_level" ``[B]`` int or float (required iff aug_level_embedding).
+        "control" is refused: a ControlNet wrapper consumes it. Every other key, or a shape that
+        does not match, raises a ValueError while tracing.
       train: enables dropout (then pass ``rngs={"dropout": key}``).
       skip_residuals: ControlNet hook (Zhang et al. 2023): a sequence with one array per skip
         connection, each shaped like it, followed by one for the middle block's output; all are
@@ -333,24 +422,22 @@ class UNet(_UNetFields):
         self,
         x: jax.Array,
         t: jax.Array,
-        y: Optional[jax.Array] = None,
-        cond: Optional[jax.Array] = None,
+        cond: Optional[Mapping[str, jax.Array]] = None,
         train: bool = False,
         skip_residuals: Optional[Sequence[jax.Array]] = None,
         input_residual: Optional[jax.Array] = None,
     ) -> jax.Array:
-        self._validate_inputs(x, t, y, cond)
-        enc = UNetEncoder(**self._shared_fields(UNetEncoder), name="encoder")(x, t, y, cond, train, input_residual)
+        cond = self._validate_inputs(x, t, cond)
+        enc = UNetEncoder(**self._shared_fields(UNetEncoder), name="encoder")(x, t, cond, train, input_residual)
         if skip_residuals is not None:
             expected = [_shape(s) for s in enc.skips] + [_shape(enc.h)]
             got = [_shape(r) for r in skip_residuals]
             if got != expected:
                 raise ValueError(f"skip_residuals: expected {len(expected)} arrays of shapes {expected}, got {got}")
             *skip_res, mid_res = skip_residuals
-            enc = EncoderOutput(
-                enc.emb,
-                tuple(s + r.astype(s.dtype) for s, r in zip(enc.skips, skip_res)),
-                enc.h + mid_res.astype(enc.h.dtype),
+            enc = enc._replace(
+                skips=tuple(s + r.astype(s.dtype) for s, r in zip(enc.skips, skip_res)),
+                h=enc.h + mid_res.astype(enc.h.dtype),
             )
         out_ch = self.out_channels or x.shape[-1]
         if self.learn_sigma:
