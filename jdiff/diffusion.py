@@ -39,7 +39,7 @@ __all__ = [
     "VARIANCE_TYPES",
 ]
 
-PARAMETERIZATIONS = ("eps", "x0", "v", "score")
+PARAMETERIZATIONS = ("eps", "x0", "v", "score", "flow")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
 
 
@@ -176,7 +176,8 @@ def to_x0_eps(schedule: Schedule, output: jax.Array, xt: jax.Array, t: jax.Array
 def x0_eps_from_output(output: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array, parameterization: str = "eps"):
     """(x0, eps) from a network output at x = alpha x0 + sigma eps, for any process (alpha, sigma
     broadcast to x). v = alpha eps - sigma x0 (Salimans & Ho 2022, sec. 4; exact also when
-    alpha^2 + sigma^2 != 1), score = -eps / sigma."""
+    alpha^2 + sigma^2 != 1), score = -eps / sigma, flow = eps - x0 (the rectified-flow velocity
+    of x_t = (1 - t) x0 + t eps, Liu et al. 2023, eq. 1; for processes with alpha + sigma = 1)."""
     if parameterization == "eps":
         return (x - sigma * output) / alpha, output
     if parameterization == "x0":
@@ -187,6 +188,8 @@ def x0_eps_from_output(output: jax.Array, x: jax.Array, alpha: jax.Array, sigma:
     if parameterization == "score":
         eps = -sigma * output
         return (x - sigma * eps) / alpha, eps
+    if parameterization == "flow":  # v = d x_t / dt = eps - x0 on x_t = (1 - t) x0 + t eps (alpha + sigma = 1)
+        return x - sigma * output, x + alpha * output
     raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
 
 
@@ -201,6 +204,8 @@ def output_from_eps(eps: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.A
         return x0
     if parameterization == "v":
         return alpha * eps - sigma * x0
+    if parameterization == "flow":
+        return eps - x0
     raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
 
 

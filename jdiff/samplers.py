@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 from typing import Any, Callable, NamedTuple
 
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff import diffusion
+from jdiff import diffusion, schedules
 from jdiff.diffusion import check_timesteps, threshold_x0
 from jdiff.schedules import Schedule, space_timesteps
 
@@ -92,7 +93,8 @@ def _ancestral_update(alpha_t, sigma_t, alpha_n, sigma_n, lam_t, lam_n, x0, x, v
     """One ancestral step x_t -> x_next ~ p(x_next | x_t) = q(x_next | x_t, x0_hat) with a chosen variance.
 
     Posterior (any pair of times, DDPM eq. 7 generalised; Kingma et al. 2021, eq. 31):
-    mean = r (alpha_n / alpha_t) x_t + alpha_n (1 - r) x0, r = exp(lambda_t - lambda_n);
+    mean = r (alpha_n / alpha_t) x_t + alpha_n (1 - r) x0, r = exp(lambda_t - lambda_n)
+    = alpha_t^2 sigma_n^2 / (alpha_n^2 sigma_t^2);
     fixed_small: beta_tilde = sigma_n^2 (1 - r); fixed_large: beta = sigma_t^2 (1 - r) (the
     forward variance of the step, 1 - abar_t / abar_n for VP); learned_range:
     exp(v' log beta + (1 - v') log beta_tilde), v' = (v + 1) / 2 (improved DDPM eq. 15);
@@ -100,8 +102,9 @@ def _ancestral_update(alpha_t, sigma_t, alpha_n, sigma_n, lam_t, lam_n, x0, x, v
     Returns (x_next, variance of the added noise).
     """
     frac = _posterior_fraction(lam_t, lam_n)
-    ratio = jnp.exp(lam_t - lam_n)
-    mean = ratio * (alpha_n / alpha_t) * x + alpha_n * frac * x0
+    # r alpha_n / alpha_t written without dividing by alpha_t (0 at flow matching's noise end).
+    x_coef = alpha_t * sigma_n**2 / (alpha_n * sigma_t**2)
+    mean = x_coef * x + alpha_n * frac * x0
     to_data = sigma_n <= 0
     if variance == "fixed_small":
         var = sigma_n**2 * frac
@@ -347,6 +350,11 @@ class SamplerOptions(NamedTuple):
     parameterization: str = "eps"
     clip: Any = None
     inverse_iterations: int = 1
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
+    num_steps: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,9 +366,11 @@ class Sampler:
     init_state: ``init_state(x) -> state`` (a pytree carried through the scan; () for none).
     direction: "reverse" (from noise to data; forward pairs in a sequence re-noise) or "forward"
       (from data to noise, e.g. DDIM inversion: every pair goes forward).
-    options: names of :func:`sample` keyword options the sampler reads ("eta", "variance"); giving
-      another sampler's option raises instead of being ignored.
+    options: names of :func:`sample` keyword options the sampler reads ("eta", "variance",
+      "churn"); giving another sampler's option raises instead of being ignored.
     default_spacing: the spacing of its time sequences when the caller gives none.
+    requires: names of process methods the step calls beyond alpha_sigma / log_snr (e.g.
+      "sde_increments"); a process without them is a clear error before compiling.
     """
 
     name: str
@@ -369,10 +379,11 @@ class Sampler:
     direction: str = "reverse"
     options: tuple = ()
     default_spacing: str = "uniform"
+    requires: tuple = ()
 
 
 _REGISTRY: dict[str, Sampler] = {}
-SPACINGS = ("uniform", "quadratic", "logsnr")
+SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
 
 
 def register(
@@ -383,6 +394,7 @@ def register(
     direction: str = "reverse",
     options: tuple = (),
     default_spacing: str = "uniform",
+    requires: tuple = (),
     overwrite: bool = False,
 ) -> Sampler:
     """Add a sampler that :func:`sample` runs as ``method=name`` in the same scan, with the same
@@ -405,12 +417,12 @@ def register(
         raise ValueError(f"options: expected names among {_OPTION_NAMES}, got {unknown}")
     if default_spacing not in SPACINGS:
         raise ValueError(f"default_spacing: expected one of {SPACINGS}, got {default_spacing!r}")
-    sampler = Sampler(name, step, init_state or (lambda x: ()), direction, tuple(options), default_spacing)
+    sampler = Sampler(name, step, init_state or (lambda x: ()), direction, tuple(options), default_spacing, tuple(requires))
     _REGISTRY[name] = sampler
     return sampler
 
 
-_OPTION_NAMES = ("eta", "variance")
+_OPTION_NAMES = ("eta", "variance", "churn")
 
 
 def _step_ddpm(process, denoise, x, step: Step, state, opts: SamplerOptions) -> StepResult:
@@ -462,15 +474,60 @@ def _step_ddim_inverse(process, denoise, x, step: Step, state, opts: SamplerOpti
     return StepResult(x_next, x, jnp.zeros((), x.dtype), state)
 
 
+def _heun_from(denoise, x, p: Prediction, t, alpha, sigma, step: Step) -> jax.Array:
+    """Heun's 2nd-order step of the probability-flow ODE in EDM's scaled variables (Karras et al.
+    2022, Algorithm 1 with x / alpha and s = sigma / alpha): y = x / alpha, dy/ds = eps, so
+    Euler gives x' = alpha_n x0 + sigma_n eps (DDIM's eta = 0 step) and Heun averages eps at both
+    ends: x_next = alpha_n (x / alpha + (s_n - s) (eps + eps') / 2). The correction (the second
+    network call) is skipped on the step to the data (sigma_n = 0) and from alpha = 0 (flow
+    matching's pure-noise end, where s is infinite), which are first order."""
+    x_euler = step.alpha_next * p.x0 + step.sigma_next * p.eps
+
+    def correct(_):
+        eps_next = denoise(x_euler, step.t_next).eps
+        s, s_n = sigma / alpha, step.sigma_next / step.alpha_next
+        return step.alpha_next * (x / alpha + (s_n - s) * 0.5 * (p.eps + eps_next))
+
+    second_order = jnp.all(step.sigma_next > 0) & jnp.all(alpha > 0)
+    return jax.lax.cond(second_order, correct, lambda _: x_euler, None)
+
+
+def _step_heun(process, denoise, x, step: Step, state, opts: SamplerOptions) -> StepResult:
+    p = denoise(x, step.t)
+    return StepResult(_heun_from(denoise, x, p, step.t, step.alpha, step.sigma, step), p.x0, jnp.zeros((), x.dtype), state)
+
+
+def _step_heun_churn(process, denoise, x, step: Step, state, opts: SamplerOptions) -> StepResult:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) in scaled variables: raise the
+    noise level s -> s_hat = (1 + gamma) s, gamma = min(S_churn / N, sqrt(2) - 1) inside
+    [S_tmin, S_tmax], by adding N(0, (s_hat^2 - s^2) S_noise^2) to x / alpha, then a Heun step
+    from s_hat to s_next."""
+    s = step.sigma / step.alpha
+    in_range = (s >= opts.s_tmin) & (s <= opts.s_tmax) & jnp.isfinite(s)
+    gamma = jnp.where(in_range, min(opts.s_churn / opts.num_steps, math.sqrt(2.0) - 1.0), 0.0)
+    s_hat = s * (1.0 + gamma)
+    t_hat = process.time_from_scaled_sigma(jnp.reshape(s_hat, ()))
+    alpha_hat, sigma_hat = (_bcast(v, x) for v in process.alpha_sigma(t_hat))
+    y_hat = x / step.alpha + jnp.sqrt(jnp.maximum(s_hat**2 - s**2, 0.0)) * opts.s_noise * _noise(step.key, x)
+    x_hat = jnp.where(gamma > 0, alpha_hat * y_hat, x)
+    t_hat = jnp.where(jnp.reshape(gamma, ()) > 0, t_hat, step.t)
+    alpha_hat, sigma_hat = jnp.where(gamma > 0, alpha_hat, step.alpha), jnp.where(gamma > 0, sigma_hat, step.sigma)
+    p = denoise(x_hat, t_hat)
+    variance = jnp.broadcast_to(alpha_hat**2 * (s_hat**2 - s**2) * opts.s_noise**2, x.shape)
+    return StepResult(_heun_from(denoise, x_hat, p, t_hat, alpha_hat, sigma_hat, step), p.x0, variance, state)
+
+
 register("ddpm", _step_ddpm, options=("variance",))
 register("ddim", _step_ddim, options=("eta",))
-register("euler_maruyama", _step_sde(ode=False))
-register("ode", _step_sde(ode=True))
+register("euler_maruyama", _step_sde(ode=False), requires=("sde_increments",))
+register("ode", _step_sde(ode=True), requires=("sde_increments",))
+register("heun", _step_heun, default_spacing="karras")
+register("heun_churn", _step_heun_churn, options=("churn",), default_spacing="karras", requires=("time_from_scaled_sigma",))
 register("dpm_solver++", _step_dpm_solver, init_state=_dpm_init, default_spacing="quadratic")
 register("ddim_inverse", _step_ddim_inverse, direction="forward")
 
 #: The built-in methods (``jdiff.samplers.register`` adds more; ``available()`` lists all).
-METHODS = ("ddpm", "ddim", "euler_maruyama", "ode", "dpm_solver++")
+METHODS = ("ddpm", "ddim", "euler_maruyama", "ode", "dpm_solver++", "heun", "heun_churn")
 
 
 def available() -> tuple[str, ...]:
@@ -496,16 +553,24 @@ def timestep_pairs(schedule: Schedule, steps: int, spacing: str = "uniform") -> 
 
     Timesteps run from T-1 down to 0 and then to -1 (the data), spread ``uniform`` in t
     (DDIM's linear skip; the kept timesteps of improved DDPM's respacing), ``quadratic`` in t
-    (DDIM sec. D.2, denser near the data) or ``uniform in log-SNR`` (``logsnr``; DPM-Solver's
-    recommendation, Lu et al. 2022 sec. 3.3). Duplicates after rounding are dropped, so a
+    (DDIM sec. D.2, denser near the data), ``uniform in log-SNR`` (``logsnr``; DPM-Solver's
+    recommendation, Lu et al. 2022 sec. 3.3) or ``karras`` (the indices nearest Karras et al.
+    2022's eq. 5 in s = sigma / alpha, rho = 7). Duplicates after rounding are dropped, so a
     schedule may yield fewer than ``steps``.
     """
     return _spaced_pairs(np.asarray(schedule.betas, np.float64), steps, spacing)
 
 
-def _spaced_pairs(betas: np.ndarray, steps: int, spacing: str) -> tuple[np.ndarray, np.ndarray]:
+def _spaced_pairs(betas: np.ndarray, steps: int, spacing: str, rho: float = 7.0) -> tuple[np.ndarray, np.ndarray]:
     T = len(betas)
-    if spacing == "uniform":
+    if spacing == "karras":
+        # The indices nearest to Karras et al.'s sigma spacing of s_t = sigma_t / alpha_t (EDM sec. 5).
+        ac = np.cumprod(1.0 - betas)
+        s_table = np.sqrt((1.0 - ac) / ac)  # increasing in t
+        targets = schedules.karras_sigmas(steps, s_table[0], s_table[-1], rho)[:-1] if steps > 1 else s_table[-1:]
+        ts = np.clip(np.searchsorted(s_table, targets), 0, T - 1)
+        ts[0] = T - 1
+    elif spacing == "uniform":
         ts = space_timesteps(T, steps)
     elif spacing == "quadratic":
         ts = np.round(np.linspace(0.0, np.sqrt(T - 1), steps) ** 2).astype(np.int64)
@@ -521,14 +586,17 @@ def _spaced_pairs(betas: np.ndarray, steps: int, spacing: str) -> tuple[np.ndarr
     return ts.astype(np.int32), np.append(ts[1:], -1).astype(np.int32)
 
 
-def time_sequence(process, steps: int | None = None, spacing: str = "uniform", start: Any = None) -> np.ndarray:
+def time_sequence(process, steps: int | None = None, spacing: str = "uniform", start: Any = None, rho: float = 7.0) -> np.ndarray:
     """The default reverse time sequence of ``process``: [n + 1] times from the noise end (or
-    ``start``) to the data, for n = ``steps`` network calls.
+    ``start``) to the data, for n = ``steps`` sampler steps.
 
-    Discrete schedules: :func:`timestep_pairs` (``start`` keeps only the indices <= start and
-    begins there). Continuous processes: ``steps`` (required) times from ``start`` (default 1)
-    to ``t_min``, ``uniform`` in t, ``quadratic`` in t (denser near the data) or uniform in
-    log-SNR (``logsnr``, by bisection on lambda(t)).
+    Discrete schedules: :func:`timestep_pairs` on the indices 0..start (default T - 1), or
+    ``karras``: the indices nearest to Karras et al.'s sigma spacing (eq. 5, ``rho``) of
+    s_i = sigma_i / alpha_i, as EDM does for DDPM models (sec. 5), duplicates dropped. Continuous
+    processes: ``steps`` (required) times from ``start`` (default the noise end) to the data end,
+    ``uniform`` in t, ``quadratic`` in t (denser near the data), uniform in log-SNR
+    (``logsnr``, by bisection on lambda(t)) or ``karras`` in s = sigma / alpha (then mapped to
+    times; for an EDM process the times are those sigmas, ending at 0).
     """
     if spacing not in SPACINGS:
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
@@ -541,23 +609,40 @@ def time_sequence(process, steps: int | None = None, spacing: str = "uniform", s
         if not isinstance(n, (int, np.integer)) or not 1 <= n <= top + 1:
             raise ValueError(f"steps: expected an int in [1, {top + 1}] (the timesteps up to {top}), got {steps!r}")
         # The same spacing on the sub-chain 0..top (SDEdit's t0 is its first time).
-        ts, _ = _spaced_pairs(np.asarray(process.betas, np.float64)[: top + 1], int(n), spacing)
+        ts, _ = _spaced_pairs(np.asarray(process.betas, np.float64)[: top + 1], int(n), spacing, rho)
         return np.append(ts, -1).astype(np.int32)
-    if steps is None or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if steps is None or isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps: expected a positive int for a continuous process, got {steps!r}")
-    hi = 1.0 if start is None else float(start)
-    lo = float(getattr(process, "t_min", 0.0))
-    if not lo < hi <= 1.0:
-        raise ValueError(f"start: expected a time in ({lo}, 1], got {start!r}")
+    lo, noise_end = process.time_range() if hasattr(process, "time_range") else (float(getattr(process, "t_min", 0.0)), 1.0)
+    hi = noise_end if start is None else float(start)
+    if not lo < hi <= noise_end:
+        raise ValueError(f"start: expected a time in ({lo}, {noise_end}], got {start!r}")
     u = np.linspace(0.0, 1.0, int(steps) + 1)
     if spacing == "uniform":
         ts = hi - (hi - lo) * u
     elif spacing == "quadratic":
         ts = lo + (hi - lo) * (1.0 - u) ** 2
+    elif spacing == "karras":
+        with jax.ensure_compile_time_eval():
+            alpha_sigma = lambda t: [float(v) for v in process.alpha_sigma(jnp.float32(t))]  # noqa: E731
+            (a_hi, s_hi), (a_lo, s_lo) = alpha_sigma(hi), alpha_sigma(lo)
+            s_max = s_hi / a_hi if a_hi > 0 else np.inf
+            s_min = getattr(process, "sigma_min", None) if s_lo == 0 else s_lo / a_lo
+            if not np.isfinite(s_max) or not s_min:
+                raise ValueError(f"spacing: 'karras' needs a finite, positive range of sigma / alpha on ({lo}, {hi}]; "
+                                 f"got [{s_min}, {s_max}] (start below the pure-noise end, or use 'uniform')")
+            sig = schedules.karras_sigmas(int(steps), s_min, s_max, rho)
+            if s_lo == 0:  # the EDM process: times are sigmas, the last one the data
+                ts = sig
+            else:
+                ts = np.append(np.asarray(process.time_from_scaled_sigma(jnp.asarray(sig[:-1], jnp.float32)), np.float64), lo)
+            ts[0] = hi
     else:
         with jax.ensure_compile_time_eval():
             lam = lambda t: float(process.log_snr(jnp.float32(t)))  # noqa: E731
             lam_hi, lam_lo = lam(hi), lam(lo)
+            if not (np.isfinite(lam_hi) and np.isfinite(lam_lo)):
+                raise ValueError(f"spacing: 'logsnr' needs a finite log-SNR at both ends, got {lam_hi} and {lam_lo} (use 'karras')")
             targets = lam_hi + (lam_lo - lam_hi) * u
             ts = []
             for target in targets:  # lambda decreases in t: bisection
@@ -568,7 +653,7 @@ def time_sequence(process, steps: int | None = None, spacing: str = "uniform", s
                 ts.append(0.5 * (a + b))
             ts = np.asarray(ts)
             ts[0], ts[-1] = hi, lo
-    return ts.astype(np.float32)
+    return np.asarray(ts).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -736,7 +821,23 @@ def _validate(method, process, steps, eta, variance, parameterization, spacing, 
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
     if spacing is not None and timesteps is not None:
         raise ValueError("spacing: expected None when explicit timesteps are given")
+    missing = [r for r in sampler.requires if not hasattr(process, r)]
+    if missing:
+        raise ValueError(f"method: {method!r} needs a process with {missing}, which {type(process).__name__} lacks "
+                         f"(e.g. the reverse SDE is defined for VP and EDM processes, not for flow matching)")
     return sampler
+
+
+def _check_churn(sampler: Sampler, method: str, s_churn, s_tmin, s_tmax, s_noise) -> dict:
+    given = {k: v for k, v in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)) if v is not None}
+    if given and "churn" not in sampler.options:
+        raise ValueError(f"{', '.join(given)}: method {method!r} has no churn (EDM's stochastic sampler is 'heun_churn'), got {given}")
+    for k, v in given.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or np.isnan(v) or v < 0 or (k != "s_tmax" and not np.isfinite(v)):
+            raise ValueError(f"{k}: expected a non-negative float, got {v!r}")
+    if given.get("s_tmin", 0.0) > given.get("s_tmax", float("inf")):
+        raise ValueError(f"s_tmin, s_tmax: expected s_tmin <= s_tmax, got {given['s_tmin']}, {given['s_tmax']}")
+    return {k: float(v) for k, v in given.items()}
 
 
 def sample(
@@ -755,6 +856,10 @@ def sample(
     variance: str = "fixed_small",
     clip: Any = None,
     spacing: str | None = None,
+    s_churn: float | None = None,
+    s_tmin: float | None = None,
+    s_tmax: float | None = None,
+    s_noise: float | None = None,
     return_trajectory: bool = False,
     return_pred_x0: bool = False,
 ) -> jax.Array | SampleOutput:
@@ -773,7 +878,10 @@ def sample(
       key: a PRNG key; step i draws its noise from ``fold_in(key, i)``.
       method: a registered sampler (:data:`METHODS` and any added with :func:`register`): ``ddpm``
         (ancestral on the chain the times give: respaced when ``steps`` < T, improved DDPM
-        sec. 4), ``ddim``, ``euler_maruyama``, ``ode``, ``dpm_solver++`` (2M; 10-25 steps).
+        sec. 4), ``ddim``, ``euler_maruyama``, ``ode``, ``dpm_solver++`` (2M; 10-25 steps),
+        ``heun`` (EDM's 2nd-order ODE solver, 2 network calls per step but the last),
+        ``heun_churn`` (EDM's stochastic sampler, with ``s_churn``, ``s_tmin``, ``s_tmax``,
+        ``s_noise`` as in Karras et al. 2022, Algorithm 2; thresholds in sigma / alpha).
       steps: number of network calls of the default sequence (default: every timestep).
       timesteps: an explicit time sequence instead of ``steps``: ``[n + 1]`` process times
         (schedule indices with -1 = the data, or floats of a continuous process), visited in
@@ -787,8 +895,10 @@ def sample(
       variance: ``fixed_small``, ``fixed_large``, ``learned_range`` or ``learned`` (ancestral
         sampling uses it; other methods ignore a learned half of the output).
       clip: threshold for the predicted x_0 (None, True, a bound, or "dynamic").
-      spacing: where the default sequence's times fall: ``uniform``, ``quadratic`` or ``logsnr``
-        (see :func:`time_sequence`); default ``quadratic`` for ``dpm_solver++``, else ``uniform``.
+      spacing: where the default sequence's times fall: ``uniform``, ``quadratic``, ``logsnr`` or
+        ``karras`` (see :func:`time_sequence`); default: the process's own (``karras`` for EDM,
+        ``uniform`` for flow matching), else the sampler's (``quadratic`` for ``dpm_solver++``,
+        ``karras`` for Heun, ``uniform`` otherwise).
       return_trajectory / return_pred_x0: also return x after every step / the x_0 predictions.
 
     Returns:
@@ -797,11 +907,13 @@ def sample(
     sampler = _validate(method, schedule, steps, eta, variance, parameterization, spacing, timesteps)
     if sampler.direction != "reverse":
         raise ValueError(f"method: {method!r} runs forwards (data -> noise); use ddim_invert or a reverse sampler")
+    churn = _check_churn(sampler, method, s_churn, s_tmin, s_tmax, s_noise)
     if timesteps is None:
-        times = time_sequence(schedule, steps, spacing or sampler.default_spacing)
+        times = time_sequence(schedule, steps, spacing or getattr(schedule, "default_spacing", None) or sampler.default_spacing)
     else:
         times = schedule.check_times(np.asarray(timesteps), "timesteps")
-    opts = SamplerOptions(eta=0.0 if eta is None else float(eta), variance=variance, parameterization=parameterization, clip=clip)
+    opts = SamplerOptions(eta=0.0 if eta is None else float(eta), variance=variance, parameterization=parameterization, clip=clip,
+                          num_steps=len(times) - 1, **churn)
     out = _run(model_fn, schedule, shape_or_xT, key, sampler, times, opts, cond, hook, return_trajectory, return_pred_x0)
     return out if (return_trajectory or return_pred_x0) else out.samples
 
@@ -849,6 +961,7 @@ class _LoopConfig(NamedTuple):
     shape: tuple[int, ...]
     has_forward_jumps: bool
     has_cond: bool
+    prior_std: float = 1.0
 
 
 def _run(model_fn, process, shape_or_xT, key, sampler: Sampler, times: np.ndarray, opts: SamplerOptions, cond, hook,
@@ -884,7 +997,9 @@ def _run(model_fn, process, shape_or_xT, key, sampler: Sampler, times: np.ndarra
     dynamic, static = _split_model_fn(model_fn)
     _check_model_output(dynamic, static, shape, opts.variance, time_kind, cond)
     hook_dyn, hook_static = _split_model_fn(hook)
-    config = _LoopConfig(sampler, opts, bool(return_trajectory), bool(return_pred_x0), shape, bool(np.any(forward)), cond is not None)
+    prior_std = float(process.prior_std(times[0])) if hasattr(process, "prior_std") else 1.0
+    config = _LoopConfig(sampler, opts, bool(return_trajectory), bool(return_pred_x0), shape, bool(np.any(forward)), cond is not None,
+                         prior_std)
     xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(t_from), jnp.asarray(t_to), jnp.asarray(fresh), jnp.asarray(forward),
           jnp.asarray(last))
     return _sample_jit(dynamic, static, hook_dyn, hook_static, process, x_T, key, xs, cond, config)
@@ -901,7 +1016,7 @@ def _sample_impl(dynamic, static, hook_dyn, hook_static, process, x_T, key, xs, 
     c = config
     opts = c.options
     init_key, loop_key = jax.random.split(key)
-    x = jax.random.normal(init_key, c.shape, jnp.float32) if x_T is None else x_T
+    x = jax.random.normal(init_key, c.shape, jnp.float32) * c.prior_std if x_T is None else x_T
     B = c.shape[0]
 
     def denoise(x_, time) -> Prediction:

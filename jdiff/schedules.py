@@ -33,6 +33,11 @@ __all__ = [
     "Process",
     "ContinuousVP",
     "continuous_vp",
+    "EDMProcess",
+    "edm",
+    "FlowProcess",
+    "flow",
+    "karras_sigmas",
 ]
 
 
@@ -322,13 +327,25 @@ class ContinuousVP:
     def model_time(self, time: jax.Array) -> jax.Array:
         return jnp.asarray(time, jnp.float32)
 
+    def time_range(self) -> tuple[float, float]:
+        """(the data end, the noise end) of the time axis."""
+        return self.t_min, 1.0
+
+    def time_from_scaled_sigma(self, s: jax.Array) -> jax.Array:
+        """The time t with sigma_t / alpha_t = s, i.e. lambda(t) = -2 log s (bisection; lambda decreases)."""
+        target = -2.0 * jnp.log(jnp.asarray(s, jnp.float32))
+
+        def body(_, lo_hi):
+            lo, hi = lo_hi
+            mid = 0.5 * (lo + hi)
+            above = self.log_snr(mid) > target
+            return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+        lo, hi = jax.lax.fori_loop(0, 40, body, (jnp.full_like(target, self.t_min), jnp.ones_like(target)))
+        return 0.5 * (lo + hi)
+
     def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
-        times = np.asarray(times)
-        if times.ndim != 1 or times.size < 2 or not np.issubdtype(times.dtype, np.floating):
-            raise ValueError(f"{name}: expected a 1-D float sequence of at least 2 times in [{self.t_min}, 1], got {times!r}")
-        if not np.all(np.isfinite(times)) or times.min() < self.t_min or times.max() > 1.0:
-            raise ValueError(f"{name}: expected times in [{self.t_min}, 1], got min {times.min()}, max {times.max()}")
-        return times.astype(np.float32)
+        return _check_float_times(times, self.t_min, 1.0, name)
 
     def is_data(self, times: np.ndarray) -> np.ndarray:
         return np.asarray(times) <= self.t_min
@@ -343,6 +360,122 @@ def continuous_vp(log_snr_fn=None, t_min: float = 0.0) -> ContinuousVP:
     if not 0.0 <= float(t_min) < 1.0:
         raise ValueError(f"t_min: expected a float in [0, 1), got {t_min!r}")
     return ContinuousVP(log_snr_fn=log_snr_fn, t_min=float(t_min))
+
+
+def _check_float_times(times, lo: float, hi: float, name: str) -> np.ndarray:
+    times = np.asarray(times)
+    if times.ndim != 1 or times.size < 2 or not np.issubdtype(times.dtype, np.floating):
+        raise ValueError(f"{name}: expected a 1-D float sequence of at least 2 times in [{lo}, {hi}], got {times!r}")
+    if not np.all(np.isfinite(times)) or times.min() < lo or times.max() > hi:
+        raise ValueError(f"{name}: expected times in [{lo}, {hi}], got min {times.min()}, max {times.max()}")
+    return times.astype(np.float32)
+
+
+@flax.struct.dataclass
+class EDMProcess:
+    """The EDM formulation (Karras et al. 2022, sec. 2 and Table 1): x = x_0 + sigma n, so
+    alpha = 1 and the time *is* sigma, in [0, sigma_max] (0 = the data). The network is fed sigma
+    (wrap it with :func:`jdiff.edm.precondition`, which turns sigma into c_noise = ln(sigma) / 4).
+    Samples start from N(0, sigma_max^2 I)."""
+
+    sigma_min: float = flax.struct.field(pytree_node=False, default=0.002)
+    sigma_max: float = flax.struct.field(pytree_node=False, default=80.0)
+    sigma_data: float = flax.struct.field(pytree_node=False, default=0.5)
+
+    def alpha_sigma(self, time: jax.Array) -> tuple[jax.Array, jax.Array]:
+        sigma = jnp.asarray(time, jnp.float32)
+        return jnp.ones_like(sigma), sigma
+
+    def log_snr(self, time: jax.Array) -> jax.Array:
+        return -2.0 * jnp.log(jnp.asarray(time, jnp.float32))
+
+    def sde_increments(self, time: jax.Array, time_next: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """dx = sqrt(d sigma^2 / dt) dw (Karras et al. 2022, eq. 6 with s = 1): f = 0, int g^2 = sigma^2 - sigma_next^2."""
+        sigma, sigma_n = jnp.asarray(time, jnp.float32), jnp.asarray(time_next, jnp.float32)
+        return jnp.zeros_like(sigma), sigma**2 - sigma_n**2
+
+    def model_time(self, time: jax.Array) -> jax.Array:
+        return jnp.asarray(time, jnp.float32)
+
+    def prior_std(self, time) -> float:
+        """x at the first time is drawn from N(0, sigma^2 I) (sigma_data is negligible there)."""
+        return float(np.asarray(time))
+
+    def time_from_scaled_sigma(self, s: jax.Array) -> jax.Array:
+        return s
+
+    def time_range(self) -> tuple[float, float]:
+        return 0.0, self.sigma_max
+
+    default_spacing = "karras"
+
+    def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
+        return _check_float_times(times, 0.0, self.sigma_max, name)
+
+    def is_data(self, times: np.ndarray) -> np.ndarray:
+        return np.asarray(times) <= 0
+
+
+def edm(sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5) -> EDMProcess:
+    """An :class:`EDMProcess` (defaults: Karras et al. 2022, Table 1: sigma in [0.002, 80], sigma_data 0.5)."""
+    for name, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("sigma_data", sigma_data)):
+        if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+            raise ValueError(f"{name}: expected a positive finite float, got {v!r}")
+    if not sigma_min < sigma_max:
+        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    return EDMProcess(float(sigma_min), float(sigma_max), float(sigma_data))
+
+
+@flax.struct.dataclass
+class FlowProcess:
+    """Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023): the linear path
+    x_t = (1 - t) x_0 + t eps, t in [0, 1] (0 = the data, 1 = pure noise), so alpha = 1 - t and
+    sigma = t. Networks predict the velocity v = dx_t/dt = eps - x_0 (parameterization "flow")."""
+
+    def alpha_sigma(self, time: jax.Array) -> tuple[jax.Array, jax.Array]:
+        t = jnp.asarray(time, jnp.float32)
+        return 1.0 - t, t
+
+    def log_snr(self, time: jax.Array) -> jax.Array:
+        t = jnp.asarray(time, jnp.float32)
+        return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+    def model_time(self, time: jax.Array) -> jax.Array:
+        return jnp.asarray(time, jnp.float32)
+
+    def time_from_scaled_sigma(self, s: jax.Array) -> jax.Array:
+        return s / (1.0 + s)  # s = t / (1 - t)
+
+    def time_range(self) -> tuple[float, float]:
+        return 0.0, 1.0
+
+    default_spacing = "uniform"
+
+    def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
+        return _check_float_times(times, 0.0, 1.0, name)
+
+    def is_data(self, times: np.ndarray) -> np.ndarray:
+        return np.asarray(times) <= 0
+
+
+def flow() -> FlowProcess:
+    """A :class:`FlowProcess` (the rectified-flow linear interpolation)."""
+    return FlowProcess()
+
+
+def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) -
+    sigma_max^(1/rho)))^rho for i < N, then sigma_N = 0. Returns [steps + 1] float64, decreasing."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if not (np.isfinite(sigma_min) and np.isfinite(sigma_max) and 0 < sigma_min < sigma_max):
+        raise ValueError(f"sigma_min, sigma_max: expected a positive increasing range 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    if not (np.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho: expected a positive float, got {rho!r}")
+    i = np.arange(steps, dtype=np.float64)
+    frac = i / max(steps - 1, 1)
+    sig = (sigma_max ** (1.0 / rho) + frac * (sigma_min ** (1.0 / rho) - sigma_max ** (1.0 / rho))) ** rho
+    return np.append(sig, 0.0)
 
 
 def get(name: str, num_timesteps: int, **kwargs) -> Schedule:

@@ -49,6 +49,28 @@ class GaussianMixture:
         log_n = -0.5 * jnp.sum(diff**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)
         return jnp.log(self.weights)[None] + log_n
 
+    def component_log_probs_at(self, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array) -> jax.Array:
+        """log(pi_k N(x_t; alpha mu_k, alpha^2 s_k^2 + sigma^2)) for any process x_t = alpha x_0 + sigma eps: [B, K]."""
+        x = self._flat(x_t)
+        a = jnp.broadcast_to(jnp.asarray(alpha, x.dtype), (x.shape[0],)).reshape(-1, 1, 1)
+        s = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],)).reshape(-1, 1, 1)
+        var = a**2 * self.stds[None] ** 2 + s**2
+        diff = x[:, None, :] - a * self.means[None]
+        return jnp.log(self.weights)[None] - 0.5 * jnp.sum(diff**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)
+
+    def score_at(self, x_t: jax.Array, alpha: jax.Array, sigma: jax.Array, component: jax.Array | None = None) -> jax.Array:
+        """grad_x log q_t(x_t) for x_t = alpha x_0 + sigma eps (any process: VP, EDM, flow matching)."""
+        x = self._flat(x_t)
+        a = jnp.broadcast_to(jnp.asarray(alpha, x.dtype), (x.shape[0],)).reshape(-1, 1, 1)
+        s = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (x.shape[0],)).reshape(-1, 1, 1)
+        var = a**2 * self.stds[None] ** 2 + s**2
+        comp_scores = -(x[:, None, :] - a * self.means[None]) / var
+        if component is None:
+            resp = jax.nn.softmax(self.component_log_probs_at(x_t, alpha, sigma), axis=-1)
+        else:
+            resp = jax.nn.one_hot(component, self.num_components, dtype=x.dtype)
+        return jnp.einsum("bk,bkd->bd", resp, comp_scores).reshape(x_t.shape)
+
     def class_log_posterior(self, x_t: jax.Array, abar: jax.Array) -> jax.Array:
         """log p(k | x_t) at noise level abar: [B, K]."""
         return jax.nn.log_softmax(self.component_log_probs(x_t, abar), axis=-1)
@@ -104,10 +126,13 @@ class GaussianMixture:
         """
         return jax.tree_util.Partial(_mixture_output, self, schedule, parameterization)
 
-    def conditional_model_fn(self, schedule: Schedule) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-        """Exact class-conditional eps: ``(x_t, t, y) -> eps``; y = k selects component k and
-        y = K (the null label) gives the unconditional eps, as classifier-free guidance expects."""
-        return jax.tree_util.Partial(_mixture_conditional_eps, self, schedule)
+    def conditional_model_fn(self, schedule: Schedule, parameterization: str = "eps") -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+        """Exact class-conditional output: ``(x_t, t, y) -> eps`` (or another parameterization, for
+        any process); y = k selects component k and y = K (the null label) gives the
+        unconditional output, as classifier-free guidance expects."""
+        if isinstance(schedule, Schedule) and parameterization == "eps":
+            return jax.tree_util.Partial(_mixture_conditional_eps, self, schedule)
+        return jax.tree_util.Partial(_mixture_conditional_output, self, schedule, parameterization)
 
     def class_log_prob_fn(self, schedule: Schedule) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
         """Exact noisy classifier ``(x_t, t, y) -> log p(y | x_t)`` [B], for classifier guidance."""
@@ -125,19 +150,36 @@ def _sigma_at(process, t: jax.Array, x: jax.Array) -> jax.Array:
     return sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
 
 
+def _generic_output(gm: GaussianMixture, process, parameterization: str, x_t, t, component=None):
+    """The exact output of any process (x_t = alpha x_0 + sigma eps): eps* = -sigma score, the EDM
+    denoiser D* = E[x_0 | x_t] = (x_t + sigma^2 score) / alpha (Tweedie), v*, and the flow
+    velocity v* = E[eps - x_0 | x_t] = eps* - D*."""
+    alpha, sigma = process.alpha_sigma(t)
+    alpha = jnp.broadcast_to(alpha, (x_t.shape[0],))
+    sigma = jnp.broadcast_to(sigma, (x_t.shape[0],))
+    score = gm.score_at(x_t, alpha, sigma, component)
+    if parameterization == "score":
+        return score
+    a, s = (v.reshape(v.shape + (1,) * (x_t.ndim - 1)) for v in (alpha, sigma))
+    # E[x_0 | x_t] from the closed-form posterior rather than (x_t + sigma^2 score) / alpha, so it
+    # stays finite where alpha = 0 (flow matching's pure-noise end, where it is the prior mean).
+    w, means, _ = gm.posterior(x_t, alpha, sigma)
+    if component is not None:
+        w = jax.nn.one_hot(component, gm.num_components, dtype=w.dtype)
+    x0 = jnp.einsum("bk,bkd->bd", w, means).reshape(x_t.shape)
+    eps = -s * score
+    outputs = {"eps": eps, "x0": x0, "v": a * eps - s * x0, "flow": eps - x0}
+    if parameterization not in outputs:
+        raise ValueError(f"parameterization: expected one of {diffusion.PARAMETERIZATIONS}, got {parameterization!r}")
+    return outputs[parameterization]
+
+
 def _mixture_output(gm: GaussianMixture, schedule, parameterization: str, x_t, t):
+    if not isinstance(schedule, Schedule):
+        return _generic_output(gm, schedule, parameterization, x_t, t)
     score = gm.score(x_t, _abar_at(schedule, t))
     if parameterization == "score":
         return score
-    if not isinstance(schedule, Schedule):
-        alpha, sigma = schedule.alpha_sigma(t)
-        alpha, sigma = (v.reshape(v.shape + (1,) * (x_t.ndim - v.ndim)) for v in (alpha, sigma))
-        eps = -sigma * score
-        x0 = (x_t - sigma * eps) / alpha
-        outputs = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}
-        if parameterization not in outputs:
-            raise ValueError(f"parameterization: expected one of {diffusion.PARAMETERIZATIONS}, got {parameterization!r}")
-        return outputs[parameterization]
     eps = diffusion.eps_from_score(schedule, t, score)
     if parameterization == "eps":
         return eps
@@ -147,6 +189,14 @@ def _mixture_output(gm: GaussianMixture, schedule, parameterization: str, x_t, t
     if parameterization == "v":
         return diffusion.predict_v(schedule, x0, t, eps)
     raise ValueError(f"parameterization: expected one of {diffusion.PARAMETERIZATIONS}, got {parameterization!r}")
+
+
+def _mixture_conditional_output(gm: GaussianMixture, process, parameterization: str, x_t, t, y):
+    K = gm.num_components
+    y = jnp.broadcast_to(jnp.asarray(y), (x_t.shape[0],))
+    cond = _generic_output(gm, process, parameterization, x_t, t, component=jnp.minimum(y, K - 1))
+    uncond = _generic_output(gm, process, parameterization, x_t, t)
+    return jnp.where((y == K).reshape((-1,) + (1,) * (x_t.ndim - 1)), uncond, cond)
 
 
 def _mixture_conditional_eps(gm: GaussianMixture, schedule, x_t, t, y):

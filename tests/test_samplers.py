@@ -470,7 +470,7 @@ def test_bad_time_sequences_and_hooks_raise(gm, linear, kwargs, match):
 
 def test_continuous_times_are_checked():
     process = schedules.continuous_vp()
-    with pytest.raises(ValueError, match=r"times in \[0.0, 1\]"):
+    with pytest.raises(ValueError, match=r"times in \[0.0, 1.0\]"):
         jdiff.sample(lambda x, t: x, process, (4, 2), jax.random.key(0), timesteps=[1.5, 0.0])
     with pytest.raises(ValueError, match="steps"):
         jdiff.sample(lambda x, t: x, process, (4, 2), jax.random.key(0))
