@@ -692,14 +692,33 @@ class _Closure(NamedTuple):
     cells: Any  # the flattened static structure of the cell contents
 
 
+class _Kept(_ById):
+    """A captured object with no arrays in it (a list a callback appends to, a config): passed
+    through as the very object, so side effects on it stay visible to the caller."""
+
+    __slots__ = ()
+
+    def __eq__(self, other):
+        return isinstance(other, _Kept) and other.obj is self.obj
+
+    def __hash__(self):
+        return id(self.obj)
+
+
+def _has_arrays(obj) -> bool:
+    return any(_is_array(leaf) or (isinstance(leaf, types.FunctionType) and leaf.__closure__)
+               for leaf in jax.tree_util.tree_leaves(obj))
+
+
 def _static_leaf(leaf, dynamic: list, depth: int):
     if isinstance(leaf, types.FunctionType) and leaf.__closure__ and depth < 8:
         try:
             contents = [c.cell_contents for c in leaf.__closure__]
         except ValueError:  # an empty cell (a variable not yet bound): keep the function as it is
             return _ById(leaf)
+        cells = [c if _has_arrays(c) else _Kept(c) for c in contents]
         return _Closure(leaf.__code__, _ById(leaf.__globals__), leaf.__name__, _hashable(leaf.__defaults__),
-                        _flatten(contents, dynamic, depth + 1))
+                        _flatten(cells, dynamic, depth + 1))
     return _hashable(leaf)
 
 
@@ -733,7 +752,7 @@ def _unflatten(static, dynamic_iter):
             cells = tuple(types.CellType(v) for v in _unflatten(s.cells, dynamic_iter))
             defaults = s.defaults.obj if isinstance(s.defaults, _ById) else s.defaults
             out.append(types.FunctionType(s.code, s.globals.obj, s.name, defaults, cells))
-        elif isinstance(s, _ById):
+        elif isinstance(s, _ById):  # and _Kept
             out.append(s.obj)
         else:
             out.append(s)

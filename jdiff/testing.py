@@ -213,7 +213,11 @@ def _mixture_conditional_eps(gm: GaussianMixture, schedule, x_t, t, y):
 
 
 def _mixture_class_log_prob(gm: GaussianMixture, schedule, x_t, t, y):
-    logp = gm.class_log_posterior(x_t, _abar_at(schedule, t))
+    if isinstance(schedule, Schedule):
+        logp = gm.class_log_posterior(x_t, _abar_at(schedule, t))
+    else:
+        alpha, sigma = schedule.alpha_sigma(t)
+        logp = jax.nn.log_softmax(gm.component_log_probs_at(x_t, alpha, sigma), axis=-1)
     y = jnp.broadcast_to(jnp.asarray(y), (x_t.shape[0],))
     return jnp.take_along_axis(logp, y[:, None], axis=1)[:, 0]
 
