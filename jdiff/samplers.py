@@ -521,13 +521,22 @@ register("ddpm", _step_ddpm, options=("variance",))
 register("ddim", _step_ddim, options=("eta",))
 register("euler_maruyama", _step_sde(ode=False), requires=("sde_increments",))
 register("ode", _step_sde(ode=True), requires=("sde_increments",))
+def _step_euler(process, denoise, x, step: Step, state, opts: SamplerOptions) -> StepResult:
+    """Euler's method for the probability-flow ODE in EDM's scaled variables: x_next = alpha_n x0 +
+    sigma_n eps, which is DDIM with eta = 0 (Song et al. 2021a, sec. 4.3; on flow matching's
+    linear path it is x + (t_n - t) v, the rectified-flow Euler step)."""
+    p = denoise(x, step.t)
+    return StepResult(step.alpha_next * p.x0 + step.sigma_next * p.eps, p.x0, jnp.zeros((), x.dtype), state)
+
+
+register("euler", _step_euler)
 register("heun", _step_heun, default_spacing="karras")
 register("heun_churn", _step_heun_churn, options=("churn",), default_spacing="karras", requires=("time_from_scaled_sigma",))
 register("dpm_solver++", _step_dpm_solver, init_state=_dpm_init, default_spacing="quadratic")
 register("ddim_inverse", _step_ddim_inverse, direction="forward")
 
 #: The built-in methods (``jdiff.samplers.register`` adds more; ``available()`` lists all).
-METHODS = ("ddpm", "ddim", "euler_maruyama", "ode", "dpm_solver++", "heun", "heun_churn")
+METHODS = ("ddpm", "ddim", "euler_maruyama", "ode", "dpm_solver++", "euler", "heun", "heun_churn")
 
 
 def available() -> tuple[str, ...]:

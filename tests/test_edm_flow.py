@@ -42,7 +42,7 @@ CASES = [
     # 0.512 at 80, 0.505 at 160, with S_churn = steps): 80 steps for the 4% tolerance.
     ("edm", "x0", "heun_churn", 80, {"s_churn": 80.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.0}),
     ("edm", "x0", "ddpm", 200, {}),
-    ("flow", "flow", "ddim", 100, {}),  # DDIM (eta = 0) on the linear path is Euler's method
+    ("flow", "flow", "euler", 100, {}),
     ("flow", "flow", "heun", 20, {}),
     ("flow", "flow", "dpm_solver++", 20, {}),
     ("vp", "eps", "heun", 50, {}),  # a VP (eps) model sampled with Heun through s = sigma / alpha (std +4.6% at 25 steps)
@@ -76,6 +76,19 @@ def test_heun_is_second_order_and_euler_first(gm, proc, param, spacing):
         errs = [float(jnp.mean(jnp.abs(run(method, n) - ref))) for n in (32, 64, 128)]
         ratios = [a / b for a, b in zip(errs, errs[1:])]
         assert all(lo < r < hi for r in ratios), f"{method}: errors {errs}, ratios {ratios}"
+
+
+def test_euler_is_ddim_with_eta_zero(gm):
+    process = schedules.flow()
+    xT = jax.random.normal(jax.random.key(5), (64, 2))
+    run = lambda m: jdiff.sample(gm.model_fn(process, "flow"), process, xT, jax.random.key(0), method=m, steps=10, parameterization="flow")  # noqa: E731
+    np.testing.assert_allclose(run("euler"), run("ddim"), rtol=1e-6, atol=1e-6)
+    # ... and on the linear path, the rectified-flow step x + (t_next - t) v (float64, one step).
+    x = np.asarray(xT[:4], np.float64)
+    one = jdiff.sample(gm.model_fn(process, "flow"), process, xT[:4], jax.random.key(0), method="euler", timesteps=[0.8, 0.5],
+                       parameterization="flow")
+    v = np.asarray(gm.model_fn(process, "flow")(xT[:4], jnp.full((4,), 0.8)), np.float64)
+    np.testing.assert_allclose(one, x - 0.3 * v, rtol=1e-5, atol=1e-5)
 
 
 def test_heun_makes_two_network_calls_per_step_but_the_last(gm):
