@@ -119,7 +119,7 @@ def make_net(name: str, batch: int | None = None, seed: int = 0, init_only: bool
     ``init_only`` returns the params of ``init_params`` unperturbed and no labels."""
     from jdiff.models import UNet
     from jdiff.train import config as config_lib
-    from jdiff.train.loop import init_params
+    from jdiff.train.network import init_params
 
     config = make_net_config(name)
     image_shape = IMAGE_SHAPES[name]
@@ -127,7 +127,7 @@ def make_net(name: str, batch: int | None = None, seed: int = 0, init_only: bool
     config.data.batch_size = batch
     model = UNet.from_config(config.model)
     params = init_params(model, image_shape, jax.random.key(seed))
-    if init_only:  # the params exactly as jdiff.train.loop.init_params returns them
+    if init_only:  # the params exactly as jdiff.train.network.init_params returns them
         return Net(name, model, params, image_shape, batch, config, config_lib.make_schedule(config), None)
     # A fresh U-Net outputs exactly zero (zero-initialised head); perturb the params so the
     # samplers see a non-trivial eps, as they would with a trained network.

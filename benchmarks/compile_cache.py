@@ -46,8 +46,8 @@ def child(cache_dir: str | None, net_name: str) -> dict:
 
     import jdiff
     from benchmarks import common
-    from jdiff.train.generate import model_fn_for
-    from jdiff.train.loop import _apply_fn
+    from jdiff.inference import model_fn_for
+    from jdiff.train.network import apply_fn as _apply_fn
     from jdiff.train.state import create_train_state, make_optimizer
     from jdiff.train.step import make_train_step
 
@@ -63,10 +63,10 @@ def child(cache_dir: str | None, net_name: str) -> dict:
     monitoring.register_event_duration_secs_listener(on_duration)
     monitoring.register_event_listener(on_event)
 
-    # jdiff.train.loop.init_params runs model.init eagerly (op by op): timed on its own, after
+    # jdiff.train.network.init_params runs model.init eagerly (op by op): timed on its own, after
     # the same init as one jitted program (which shares no compiled code with the eager one).
     from jdiff.models import UNet
-    from jdiff.train.loop import init_params
+    from jdiff.train.network import init_params
 
     model = UNet.from_config(common.make_net_config(net_name).model)
     t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def child(cache_dir: str | None, net_name: str) -> dict:
     fn = model_fn_for(net.model, net.params, net.labels)
     optimizer = make_optimizer(net.config.optim)
     state = create_train_state(jax.tree.map(jnp.copy, net.params), optimizer, jax.random.key(1))  # donated below
-    batch = {"image": jax.random.uniform(key, net.shape, minval=-1.0, maxval=1.0), "label": net.labels}
+    batch = {"image": jax.random.uniform(key, net.shape, minval=-1.0, maxval=1.0), "cond": {"label": net.labels}}
     jax.block_until_ready((state, batch))
     train_step = jax.jit(make_train_step(_apply_fn(net.model), net.schedule, optimizer, net.config), donate_argnums=0)
 
@@ -181,7 +181,7 @@ def run(reps: int, net_name: str) -> tuple[str, dict]:
             ["call", "cache", "first call", "second call", "one-off", "tracing", "lowering", "XLA compile", "cache hits / misses"],
             rows,
         )
-        + "\n\nWhole process: import of jax + jdiff; `jdiff.train.loop.init_params` of the network as it is "
+        + "\n\nWhole process: import of jax + jdiff; `jdiff.train.network.init_params` of the network as it is "
         "(`model.init` run eagerly, op by op) and the same wrapped in `jax.jit`; then both phases:\n\n"
         + common.markdown_table(["cache", "import s", "init_params s", "jit(init_params) s", "process wall s"], proc_rows)
         + "\n"

@@ -13,7 +13,7 @@ same architecture on 16x16x3 at batch 16), one repetition of each case does 100 
                    model_fn object reused across calls (params traced, compiled once);
   sample_ddpm      the same with ``method="ddpm", steps=100`` (respaced ancestral chain);
   sample_ddim_new_fn  as sample_ddim, but the model_fn is rebuilt for every call, as
-                   ``jdiff.train.generate`` does per batch;
+                   ``jdiff.inference.generate`` does per batch;
   sample_ddim_in_jit  ``jdiff.sample`` inside the caller's own ``jax.jit`` (no per-call Python);
   loop_ddim / loop_ddpm  the FlaxDiff style: a jitted *step* (network + ``ddim_step`` /
                    ``ddpm_step``) called from a Python loop over the timesteps.
@@ -35,7 +35,7 @@ import jdiff
 from benchmarks import common
 from jdiff import samplers
 from jdiff.schedules import respace, space_timesteps
-from jdiff.train.generate import model_fn_for
+from jdiff.inference import model_fn_for
 
 STEPS = 100
 BAR = 1.05

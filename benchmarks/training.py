@@ -25,7 +25,7 @@ import optax
 
 from benchmarks import common
 from jdiff import diffusion
-from jdiff.train.loop import _apply_fn
+from jdiff.train.network import apply_fn as _apply_fn
 from jdiff.train.state import create_train_state, make_optimizer
 from jdiff.train.step import make_train_step
 
@@ -37,7 +37,7 @@ def _cases(net: common.Net, steps: int) -> dict:
     key = jax.random.key(0)
     k_x, k_n, k_t, k_s = jax.random.split(key, 4)
     x0 = jax.random.uniform(k_x, net.shape, minval=-1.0, maxval=1.0)
-    batch = {"image": x0, "label": labels}
+    batch = {"image": x0, "cond": {"label": labels}}
     optimizer = make_optimizer(config.optim)
 
     # -- the network's own forward + backward -------------------------------------------

@@ -54,8 +54,8 @@ import jdiff
 from benchmarks import common
 from jdiff import parallel
 from jdiff.models.layers import norm_groups
-from jdiff.train.generate import model_fn_for
-from jdiff.train.loop import _apply_fn
+from jdiff.inference import model_fn_for
+from jdiff.train.network import apply_fn as _apply_fn
 from jdiff.train.state import create_train_state, make_optimizer
 from jdiff.train.step import make_train_step
 
@@ -125,7 +125,7 @@ def _cases(net: common.Net, worker: TorchWorker, train_steps: int) -> dict:
     cases = {}
     placements = _placements(net)
     optimizer = make_optimizer(net.config.optim)
-    batch = {"image": jax.random.uniform(key, net.shape, minval=-1.0, maxval=1.0), "label": net.labels}
+    batch = {"image": jax.random.uniform(key, net.shape, minval=-1.0, maxval=1.0), "cond": {"label": net.labels}}
     x_T = jax.random.normal(jax.random.key(2), net.shape)
 
     def put(tree, sharding):

@@ -39,7 +39,11 @@ __all__ = [
     "VARIANCE_TYPES",
 ]
 
+#: What a network may predict. The schedule-table conversions (``to_x0_eps``, ``p_mean_variance``)
+#: take the first four; "flow" (the rectified-flow velocity) needs alpha + sigma = 1 and is
+#: converted by :func:`x0_eps_from_output` from the process's (alpha, sigma).
 PARAMETERIZATIONS = ("eps", "x0", "v", "score", "flow")
+SCHEDULE_PARAMETERIZATIONS = PARAMETERIZATIONS[:4]
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
 
 
@@ -170,7 +174,7 @@ def to_x0_eps(schedule: Schedule, output: jax.Array, xt: jax.Array, t: jax.Array
     if parameterization == "score":
         eps = eps_from_score(schedule, t, output)
         return predict_x0(schedule, xt, t, eps), eps
-    raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}")
+    raise ValueError(f"parameterization: expected one of {SCHEDULE_PARAMETERIZATIONS}, got {parameterization!r}")
 
 
 def x0_eps_from_output(output: jax.Array, x: jax.Array, alpha: jax.Array, sigma: jax.Array, parameterization: str = "eps"):

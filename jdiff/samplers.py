@@ -841,6 +841,9 @@ def _validate(method, process, steps, eta, variance, parameterization, spacing, 
             raise ValueError(f"eta: expected a finite non-negative Python float, got {eta!r}")
     if parameterization not in diffusion.PARAMETERIZATIONS:
         raise ValueError(f"parameterization: expected one of {diffusion.PARAMETERIZATIONS}, got {parameterization!r}")
+    if parameterization == "flow" and not getattr(process, "linear_path", False):
+        raise ValueError(f"parameterization: 'flow' (v = eps - x0) is the velocity of the linear path "
+                         f"(jdiff.schedules.flow()), got it with a {type(process).__name__}")
     if variance not in diffusion.VARIANCE_TYPES:
         raise ValueError(f"variance: expected one of {diffusion.VARIANCE_TYPES}, got {variance!r}")
     if variance == "fixed_large" and "variance" not in sampler.options:

@@ -450,6 +450,7 @@ class FlowProcess:
         return 0.0, 1.0
 
     default_spacing = "uniform"
+    linear_path = True  # alpha + sigma = 1: the "flow" parameterization is defined
 
     def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
         return _check_float_times(times, 0.0, 1.0, name)

@@ -3,8 +3,10 @@
 python -m launch.evaluate --workdir workdirs/digits --num 1000 --out metrics.json
 
 Samples --num images (class-balanced for conditional models) from the newest checkpoint's EMA
-params and scores them with the digits classifier (jdiff.evaluation): FID, Inception Score,
-precision, recall, class accuracy (conditional models), and the bits/dim bound on the test split.
+params, clips them to [-1, 1] (reporting the fraction that was outside) and scores them with the
+evaluator of the config or --evaluator (jdiff.evaluation.evaluators; "digits": FID, Inception
+Score, precision, recall, class accuracy with the digits classifier), and adds the bits/dim bound
+on --bpd_examples test images. Logging as launch.train (--verbosity, --log_dir).
 """
 
 import json
@@ -15,7 +17,8 @@ import numpy as np
 from absl import app, flags
 
 from jdiff.evaluation.workdir import evaluate_loaded
-from jdiff.train.restore import load_for_sampling
+from jdiff.workdir import load_for_sampling
+from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _NUM = flags.DEFINE_integer("num", 1000, "Number of samples to score.")
@@ -25,20 +28,23 @@ _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight
 _METHOD = flags.DEFINE_string("method", None, "Sampler (default: config).")
 _STEPS = flags.DEFINE_integer("steps", None, "Network calls (default: config).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: config).")
+_EVALUATOR = flags.DEFINE_string("evaluator", None, "Evaluator scoring the samples (jdiff.evaluation.evaluators; "
+                                  "'' for none; default: config.eval.evaluator).")
 _BPD = flags.DEFINE_integer("bpd_examples", 300, "Test images for bits/dim (0: skip; T network calls each batch).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _NUM.value < 4:
-        raise app.UsageError(f"--num: expected at least 4 samples, got {_NUM.value}")
+    common.configure_logging()
+    if _NUM.value < 1:
+        raise app.UsageError(f"--num: expected a positive number of samples, got {_NUM.value}")
     if not np.isfinite(_GUIDANCE.value) or _GUIDANCE.value < 0:
         raise app.UsageError(f"--guidance: expected a finite weight >= 0, got {_GUIDANCE.value}")
     loaded = load_for_sampling(_WORKDIR.value)
     result = evaluate_loaded(
         loaded, _NUM.value, jax.random.key(_SEED.value), guidance_weight=_GUIDANCE.value,
-        method=_METHOD.value, steps=_STEPS.value, eta=_ETA.value, bpd_examples=_BPD.value,
+        method=_METHOD.value, steps=_STEPS.value, eta=_ETA.value, bpd_examples=_BPD.value, evaluator=_EVALUATOR.value,
     )
     out = _OUT.value
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -2,14 +2,23 @@
 
 python -m launch.sample --workdir workdirs/digits --num 64 --out samples.png
 python -m launch.sample --workdir workdirs/digits --num 64 --out samples.npz --label 3 --guidance 2.0
+python -m launch.sample --workdir workdirs/tiny_sr --num 4 --out sr.png --cond_image low_res.png
 
 --out FILE.png writes a grid; FILE.npz writes the raw float32 array "samples" [N, H, W, C] in
 [-1, 1] (and "labels" for conditional models). Uses the EMA params of the newest checkpoint.
 
+Class-conditional models sample class-balanced labels by default (one class per grid row when
+--num is a multiple of the number of classes); --label picks classes, --null_label samples the
+null class (the unconditional model learnt by label dropout). A model conditioned on an image
+(config.model.image_channels > 0) needs --cond_image: a .png (converted to the model's channels)
+or a .npz with an "image" array [H, W, C] or [N, H, W, C] in [-1, 1]; an image of another size
+is resized bilinearly to the sample size (so a low-resolution image works as it is).
+
 Each batch is split over all devices (of all processes, with --coordinator / --num_processes /
 --process_id as for launch.train; process 0 writes --out); for the same --seed and
 --batch_size the array is the same whatever the number of devices, e.g. with
-XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU.
+XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU. Logging as launch.train
+(--verbosity, --log_dir).
 """
 
 import os
@@ -19,16 +28,25 @@ import numpy as np
 from absl import app, flags
 
 from jdiff import images, parallel
-from jdiff.train.generate import generate
-from jdiff.train.restore import load_for_sampling
+from jdiff.inference import balanced_labels, generate
+from jdiff.train import config as config_lib
+from jdiff.train import network
+from jdiff.workdir import load_config, load_for_sampling
+from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
 _NUM = flags.DEFINE_integer("num", 64, "Number of samples.")
 _OUT = flags.DEFINE_string("out", "samples.png", "Output .png (grid) or .npz (raw arrays).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_LABEL = flags.DEFINE_multi_integer("label", None, "Class label(s); repeated labels cycle over the samples.")
+_LABEL = flags.DEFINE_multi_integer("label", None, "Class label(s); repeated labels cycle over the samples "
+                                    "(default: class-balanced labels).")
+_NULL_LABEL = flags.DEFINE_bool("null_label", False, "Sample the null class of a class-conditional model "
+                                "(unconditional samples) instead of class-balanced labels.")
+_COND_IMAGE = flags.DEFINE_string("cond_image", None, "cond['image'] of an image-conditioned model: a .png, or a .npz "
+                                  "with 'image' [H, W, C] or [N, H, W, C] in [-1, 1].")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w >= 0.")
-_METHOD = flags.DEFINE_string("method", None, "ddpm | ddim | euler_maruyama | ode | dpm_solver++ (default: config).")
+_METHOD = flags.DEFINE_string("method", None, "A registered sampler: ddpm | ddim | euler_maruyama | ode | dpm_solver++ "
+                              "(default: config).")
 _STEPS = flags.DEFINE_integer("steps", None, "Network calls (default: config).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: config).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Samples per compiled batch (default: config).")
@@ -39,9 +57,52 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes) (default: JAX_PROCESS_ID).")
 
 
+def load_cond_image(path: str, num: int, channels: int) -> np.ndarray:
+    """``--cond_image`` as [1 or num, h, w, channels] float32 in [-1, 1] (NumPy only, so it runs
+    before jax.distributed is initialised)."""
+    if not os.path.exists(path):
+        raise app.UsageError(f"--cond_image: {path!r} does not exist")
+    if path.endswith(".png"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            x = np.asarray(im, np.float32) / 127.5 - 1.0
+        x = x[..., None] if x.ndim == 2 else x
+    elif path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as npz:
+            if "image" in npz.files:
+                x = npz["image"]
+            elif len(npz.files) == 1:
+                x = npz[npz.files[0]]
+            else:
+                raise app.UsageError(f"--cond_image: {path!r} holds {npz.files}; expected an array named 'image'")
+        x = np.asarray(x, np.float32)
+        if not np.all(np.isfinite(x)) or x.min() < -1 or x.max() > 1:
+            raise app.UsageError(f"--cond_image: expected finite values in [-1, 1], got range [{x.min()}, {x.max()}]")
+    else:
+        raise app.UsageError(f"--cond_image: expected a .png or .npz path, got {path!r}")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[0] not in (1, num) or x.shape[-1] != channels:
+        raise app.UsageError(f"--cond_image: expected [H, W, {channels}] or [1 or {num}, H, W, {channels}] "
+                             f"(config.model.image_channels={channels}, --num={num}), got shape {x.shape}")
+    return x.astype(np.float32)
+
+
+def resize_cond_image(x: np.ndarray, num: int, image_shape: tuple) -> np.ndarray:
+    """[1 or num, h, w, C] -> [num, H, W, C], resized as the "downsample_image" transform upsamples
+    (jax.image.resize, bilinear). A JAX computation: call after jax.distributed is initialised."""
+    h, w = image_shape[:2]
+    if x.shape[1:3] != (h, w):
+        x = np.asarray(jax.image.resize(x, (x.shape[0], h, w, x.shape[-1]), "bilinear"))
+    return np.broadcast_to(x, (num, h, w, x.shape[-1])).astype(np.float32)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.configure_logging()
     out = _OUT.value
     if not out.endswith((".png", ".npz")):
         raise app.UsageError(f"--out: expected a .png or .npz path, got {out!r}")
@@ -50,27 +111,50 @@ def main(argv):
     g = _GUIDANCE.value
     if not np.isfinite(g) or g < 0:
         raise app.UsageError(f"--guidance: expected a finite weight >= 0, got {g}")
+    if _NULL_LABEL.value and _LABEL.value:
+        raise app.UsageError("--null_label: expected either --null_label or --label, got both")
+    if _NULL_LABEL.value and g:
+        raise app.UsageError(f"--guidance: {g} guides towards labels, but --null_label samples the null class; expected 0")
+    # The flags are checked against the workdir's config before any checkpoint is read.
+    cfg = load_config(_WORKDIR.value)
+    model = network.build_model(cfg)
+    num_classes = getattr(model, "num_classes", None)
+    labels = None
+    if _LABEL.value:
+        if num_classes is None:
+            raise app.UsageError("--label: this model is not class-conditional")
+        bad = [y for y in _LABEL.value if not 0 <= y < num_classes]
+        if bad:
+            raise app.UsageError(f"--label: expected labels in [0, {num_classes}), got {bad}")
+        labels = np.resize(np.asarray(_LABEL.value, np.int32), _NUM.value)
+    elif _NULL_LABEL.value:
+        if num_classes is None:
+            raise app.UsageError("--null_label: this model is not class-conditional")
+        labels = np.full((_NUM.value,), num_classes, np.int32)
+    elif num_classes is not None:
+        labels = balanced_labels(_NUM.value, num_classes)
+    elif g:
+        raise app.UsageError("--guidance: classifier-free guidance needs a class-conditional model")
+    image_channels = getattr(model, "image_channels", 0) or 0
+    if image_channels and not _COND_IMAGE.value:
+        raise app.UsageError(f"--cond_image: this model is conditioned on an image (config.model.image_channels="
+                             f"{image_channels}); pass the conditioning image as a .png or .npz")
+    if _COND_IMAGE.value and not image_channels:
+        raise app.UsageError("--cond_image: this model takes no image conditioning (config.model.image_channels=0)")
+    cond_image = load_cond_image(_COND_IMAGE.value, _NUM.value, image_channels) if image_channels else None
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     mesh = parallel.make_mesh()
     loaded = load_for_sampling(_WORKDIR.value, mesh)
-    cfg, model = loaded.config, loaded.model
-    labels = None
-    if _LABEL.value:
-        if model.num_classes is None:
-            raise app.UsageError("--label: this model is not class-conditional")
-        bad = [y for y in _LABEL.value if not 0 <= y < model.num_classes]
-        if bad:
-            raise app.UsageError(f"--label: expected labels in [0, {model.num_classes}), got {bad}")
-        labels = np.resize(np.asarray(_LABEL.value, np.int32), _NUM.value)
-    elif g and model.num_classes is not None:
-        raise app.UsageError("--guidance: classifier-free guidance needs --label")
+    model = loaded.model
+    cond = {} if cond_image is None else {"image": resize_cond_image(cond_image, _NUM.value, loaded.image_shape)}
     s = cfg.sample
     x = generate(
         model, loaded.params, loaded.schedule, loaded.image_shape, _NUM.value, jax.random.key(_SEED.value),
-        labels=labels, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
+        labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
         method=_METHOD.value or s.method, steps=_STEPS.value if _STEPS.value is not None else s.steps,
         eta=_ETA.value if _ETA.value is not None else s.eta, clip=s.clip or None,
         variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
+        sigma_data=config_lib.sigma_data_of(cfg),
     )
     if jax.process_index() != 0:
         return
@@ -83,7 +167,9 @@ def main(argv):
         np.savez(tmp, **arrays)
         os.replace(tmp, out)
     else:
-        images.save_grid(x, out)
+        ncols = _NUM.value // num_classes if (labels is not None and not _LABEL.value and not _NULL_LABEL.value
+                                               and _NUM.value % num_classes == 0) else None
+        images.save_grid(x, out, ncols=ncols)
     print(f"wrote {out}: {x.shape[0]} samples of shape {x.shape[1:]} from step {loaded.step}")
 
 

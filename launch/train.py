@@ -2,6 +2,9 @@
 
 python -m launch.train --config configs/digits.py --workdir workdirs/digits [--config.optim.lr=1e-3 ...]
 
+Prints a progress bar and the final metrics; absl/JAX/orbax INFO logs only with --verbosity=0
+(or -v 0) or, into a file, with --log_dir=DIR (launch/common.py).
+
 Resumes automatically from the newest checkpoint in --workdir (which must belong to the same
 experiment). Writes checkpoints, metrics.jsonl, sample grids and metrics.json there.
 
@@ -13,7 +16,6 @@ and launch/tpu_pod.sh.
 """
 
 import json
-import logging
 
 import jax
 from absl import app, flags
@@ -21,6 +23,7 @@ from ml_collections import config_flags
 
 from jdiff import parallel
 from jdiff.train.loop import train_and_evaluate
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits.py", "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.", required=True)
@@ -36,11 +39,9 @@ _FSDP = flags.DEFINE_bool("fsdp", False, "Shard params and optimizer state over 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.configure_logging()
     # Before anything touches a device: jax.distributed must connect the processes first.
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    logging.getLogger().setLevel(logging.INFO)
-    # orbax logs every checkpoint phase at INFO; keep the console for our own progress.
-    logging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname or record.levelno >= logging.WARNING)
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value, mesh=parallel.make_mesh(_NUM_DEVICES.value),
                                  fsdp=_FSDP.value)
     if jax.process_index() == 0:

@@ -6,12 +6,12 @@ Writes checkpoints, metrics.jsonl and metrics.json (test accuracy at several noi
 """
 
 import json
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from jdiff.train.classifier import train_classifier
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/digits_classifier.py", "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.", required=True)
@@ -20,8 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and l
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").addFilter(lambda record: "orbax" not in record.pathname or record.levelno >= logging.WARNING)
+    common.configure_logging()
     print(json.dumps(train_classifier(_CONFIG.value, _WORKDIR.value), indent=1))
 
 

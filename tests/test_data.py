@@ -477,3 +477,18 @@ def test_get_dataset_bad_configs(config, split, argument):
         data.get_dataset(config, split=split)
     if argument == "no_such_dataset_xyz":
         assert "digits" in str(info.value) and "shapes" in str(info.value)
+
+
+def test_get_dataset_fashion_mnist_sample_and_builtins():
+    assert {"fashion_mnist", "fashion_mnist_sample"} <= set(data.BUILTIN_DATASETS)
+    ds = data.get_dataset({"name": "fashion_mnist_sample", "resolution": 14})
+    assert ds.image_shape == (14, 14, 1) and ds.num_classes == 10 and ds.name == "fashion_mnist_sample"
+    chex.assert_shape(ds.source["image"], (300, 14, 14, 1))
+    batch = data.batch_at(ds.source, 5, batch_size=16, seed=1)
+    chex.assert_shape(batch["image"], (16, 14, 14, 1))
+    assert batch["label"].dtype == np.int32
+
+
+def test_get_dataset_fashion_mnist_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(data.FashionMnistNotFoundError, match=r"apt-get update && apt-get install -y dataset-fashion-mnist"):
+        data.get_dataset({"name": "fashion_mnist", "data_dir": str(tmp_path)}, split="test")

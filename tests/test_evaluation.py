@@ -375,3 +375,65 @@ def test_retraining_reaches_97_percent():
     _, logits = digits_features(images, module=DigitsClassifier(), params=params)
     correct = int(np.sum(np.argmax(np.asarray(logits), 1) == labels))
     assert correct == round(accuracy * len(labels))
+
+
+# --------------------------------------------------------------------------- evaluating a network
+
+
+@pytest.fixture(scope="module")
+def loaded_tiny():
+    """A tiny class-conditional U-Net at its init (no training), as jdiff.workdir would load it."""
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    from configs import tiny
+
+    from jdiff.train import config as config_lib
+    from jdiff.train import network
+    from jdiff.workdir import Loaded
+
+    c = tiny.get_config()
+    model = network.build_model(c)
+    params = network.init_params(model, (8, 8, 1), jax.random.key(0))
+    return Loaded(c, model, params, config_lib.make_schedule(c), (8, 8, 1), 0)
+
+
+def test_evaluate_loaded_clips_samples_outside_the_data_range(loaded_tiny, monkeypatch):
+    """A sampler run without clipping overshoots [-1, 1]; the scores use the clipped samples and
+    report how much was outside."""
+    from jdiff.evaluation import workdir as ev_workdir
+
+    images, _ = load_digits("test")
+    overshoot = (images[:12] * 1.5).astype(np.float32)
+    monkeypatch.setattr(ev_workdir, "generate", lambda *a, **k: overshoot)
+    result = ev_workdir.evaluate_loaded(loaded_tiny, 12, jax.random.key(0))
+    np.testing.assert_allclose(result["out_of_range_fraction"], np.mean(np.abs(overshoot) > 1))
+    assert result["out_of_range_fraction"] > 0
+    want = evaluate_digit_samples(np.clip(overshoot, -1, 1), labels=np.repeat(np.arange(10), [2, 1, 1, 1, 1, 2, 1, 1, 1, 1]))
+    assert result["fid"] == pytest.approx(want["fid"])
+
+
+def test_evaluator_is_chosen_by_name(loaded_tiny, monkeypatch):
+    from jdiff.evaluation import evaluators
+    from jdiff.evaluation import workdir as ev_workdir
+
+    with pytest.raises(ValueError, match=r"evaluator: unknown evaluator 'nope'; expected '' \(none\) or one of \['digits'"):
+        ev_workdir.evaluate_loaded(loaded_tiny, 8, jax.random.key(0), evaluator="nope")
+    monkeypatch.setitem(evaluators.EVALUATORS, "mean", evaluators.Evaluator(
+        "mean", lambda x, y: {"mean": float(np.mean(x)), "labelled": y is not None}, lambda *a: None, 1))
+    monkeypatch.setattr(ev_workdir, "generate", lambda *a, **k: np.full((3, 8, 8, 1), 0.25, np.float32))
+    result = ev_workdir.evaluate_loaded(loaded_tiny, 3, jax.random.key(0), evaluator="mean")
+    assert result["mean"] == 0.25 and result["labelled"] and result["out_of_range_fraction"] == 0.0
+    assert "fid" not in ev_workdir.evaluate_loaded(loaded_tiny, 3, jax.random.key(0), evaluator="")
+
+
+def test_bits_per_dim_includes_the_remainder_batch_and_does_not_depend_on_batching(loaded_tiny):
+    from jdiff.evaluation.workdir import bits_per_dim
+
+    images, _ = load_digits("test")
+    by_three = bits_per_dim(loaded_tiny, images[:7], jax.random.key(0), batch_size=3)
+    at_once = bits_per_dim(loaded_tiny, images[:7], jax.random.key(0), batch_size=7)
+    assert by_three["bpd_examples"] == 7
+    for k in ("bits_per_dim", "bpd_prior", "bpd_decoder"):
+        assert np.isfinite(by_three[k])
+        np.testing.assert_allclose(by_three[k], at_once[k], rtol=1e-5)

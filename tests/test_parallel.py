@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 from configs import tiny  # noqa: E402
 from jdiff import data as data_lib  # noqa: E402
 from jdiff import parallel  # noqa: E402
-from jdiff.train import loop  # noqa: E402
+from jdiff.train import loop, network  # noqa: E402
 from jdiff.train.checkpoint import Checkpointer  # noqa: E402
 from jdiff.train.state import create_train_state, make_optimizer  # noqa: E402
 from launch import local_multiprocess  # noqa: E402
@@ -68,9 +68,9 @@ def state_template(mesh, fsdp=False):
     """Abstract TrainState of the tiny config with the shardings of ``mesh``."""
     c = tiny_config()
     ds = data_lib.get_dataset(c.data)
-    model = loop.build_model(c, ds.image_shape)
+    model = network.build_model(c)
     abstract = jax.eval_shape(
-        lambda: create_train_state(loop.init_params(model, ds.image_shape, jax.random.key(0)), make_optimizer(c.optim),
+        lambda: create_train_state(network.init_params(model, ds.image_shape, jax.random.key(0)), make_optimizer(c.optim),
                                    jax.random.key(0))
     )
     shardings = parallel.param_shardings(abstract, mesh, fsdp, min_size=FSDP_MIN_SIZE)
@@ -94,8 +94,8 @@ def _worker(out):
     import jax.numpy as jnp
 
     from jdiff import samplers
-    from jdiff.train.generate import generate, model_fn_for
-    from jdiff.train.restore import load_for_sampling
+    from jdiff.inference import generate, model_fn_for
+    from jdiff.workdir import load_for_sampling
 
     assert jax.device_count() == 8, jax.devices()
     t0 = time.perf_counter()

@@ -16,6 +16,7 @@ def test_readme_python_snippets_run():
     # The editing snippet's known pixels end exactly at the known image.
     edited, known = namespace["edited"], namespace["known"]
     assert (edited[:, :, :4] == known[:, :, :4]).all()
+    assert (namespace["inpainted"][:, 0] == 1.5).all() and namespace["sde"].shape == (256, 2)
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jdiff import data as data_lib
+from jdiff import losses
 from jdiff.train import config as config_lib
-from jdiff.train import loop
+from jdiff.train import loop, network
 from jdiff.train.checkpoint import Checkpointer
+from jdiff.train.state import create_train_state, make_optimizer
+from jdiff.train.step import make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -78,14 +82,11 @@ def test_loss_decreases_on_digits():
     c = tiny_config(**{"data.batch_size": 64})
     c.optim.lr = 3e-3
     ds = data_lib.get_dataset(c.data)
-    model = loop.build_model(c, ds.image_shape)
-    from jdiff.train.state import create_train_state, make_optimizer
-    from jdiff.train.step import make_train_step
-
+    model = network.build_model(c)
     opt = make_optimizer(c.optim)
-    state = create_train_state(loop.init_params(model, ds.image_shape, jax.random.key(0)), opt, jax.random.key(1))
+    state = create_train_state(network.init_params(model, ds.image_shape, jax.random.key(0)), opt, jax.random.key(1))
     schedule = config_lib.make_schedule(c)
-    step = jax.jit(make_train_step(loop._apply_fn(model), schedule, opt, c))
+    step = jax.jit(make_train_step(network.apply_fn(model), schedule, opt, c))
     test_images, test_labels = data_lib.load_digits("test")
     x0 = jnp.asarray(test_images[:128])
     t = jax.random.randint(jax.random.key(2), (128,), 0, schedule.num_timesteps)
@@ -93,15 +94,13 @@ def test_loss_decreases_on_digits():
 
     @jax.jit
     def held_out_loss(params):
-        from jdiff import losses
-
-        fn = lambda x, tt: model.apply({"params": params}, x, tt, y=jnp.asarray(test_labels[:128]))  # noqa: E731
+        fn = lambda x, tt: model.apply({"params": params}, x, tt, cond={"label": jnp.asarray(test_labels[:128])})  # noqa: E731
         return jnp.mean(losses.diffusion_loss(schedule, fn, x0, t, noise).loss)
 
     before = float(held_out_loss(state.params))
     for s in range(60):
         b = data_lib.batch_at(ds.source, s, batch_size=64, seed=0)
-        state, _ = step(state, {"image": b["image"], "label": b["label"]})
+        state, _ = step(state, network.step_batch(b, model))
     after = float(held_out_loss(state.params))
     assert after < 0.5 * before, (before, after)
 
@@ -166,11 +165,12 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(trained, tmp_path):
                     fh.truncate(16)
     c = tiny_config()
     ds = data_lib.get_dataset(c.data)
-    model = loop.build_model(c, ds.image_shape)
-    from jdiff.train.state import create_train_state, make_optimizer
-
-    template = create_train_state(loop.init_params(model, ds.image_shape, jax.random.key(0)), make_optimizer(c.optim), jax.random.key(0))
-    restored = Checkpointer(workdir).restore(template)
+    model = network.build_model(c)
+    template = create_train_state(network.init_params(model, ds.image_shape, jax.random.key(0)), make_optimizer(c.optim),
+                                  jax.random.key(0))
+    ckpt = Checkpointer(workdir)
+    restored = ckpt.restore(template)
+    ckpt.close()
     assert int(restored.step) == 3
 
 
@@ -182,26 +182,40 @@ def cli_env():
 
 
 def test_launch_sample_writes_png_and_npz(trained, tmp_path, cli_env):
+    """Labels: --label, class-balanced by default, --null_label; stderr shows no INFO logs unless
+    --log_dir (which gets them in a file)."""
     workdir, _ = trained
-    npz = str(tmp_path / "s.npz")
+    npz, balanced, null = (str(tmp_path / f"{n}.npz") for n in ("s", "balanced", "null"))
     png = str(tmp_path / "s.png")
-    for out, extra in [(npz, ["--label", "3", "--guidance", "1.0"]), (png, [])]:
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    runs = [(npz, ["--label", "3", "--guidance", "1.0"]), (balanced, ["--num", "12"]), (null, ["--null_label"]),
+            (png, ["--log_dir", str(log_dir)])]
+    for out, extra in runs:
         r = subprocess.run(
             [sys.executable, "-m", "launch.sample", "--workdir", workdir, "--num", "5", "--out", out, *extra],
             cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300,
         )
         assert r.returncode == 0, r.stderr[-2000:]
+        assert not re.search(r"^I\d{4} ", r.stderr, re.M), r.stderr[-2000:]  # no INFO lines by default
+        assert "wrote" in r.stdout
     arr = np.load(npz, allow_pickle=False)
     assert arr["samples"].shape == (5, 8, 8, 1) and arr["samples"].dtype == np.float32
     assert arr["samples"].min() >= -1 and arr["samples"].max() <= 1
     np.testing.assert_array_equal(arr["labels"], [3] * 5)
+    counts = np.bincount(np.load(balanced)["labels"], minlength=10)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 12
+    np.testing.assert_array_equal(np.load(null)["labels"], [10] * 5)
     assert os.path.getsize(png) > 0
+    logs = "".join(p.read_text() for p in log_dir.iterdir() if p.is_file())
+    assert re.search(r"^I\d{4} ", logs, re.M)  # --log_dir keeps the INFO lines
 
 
 def test_launch_sample_rejects_bad_flags(trained, tmp_path, cli_env):
     workdir, _ = trained
     for extra, msg in [(["--label", "10"], "--label"), (["--label", "1", "--guidance", "-1"], "--guidance"),
-                       (["--guidance", "nan", "--label", "1"], "--guidance")]:
+                       (["--guidance", "nan", "--label", "1"], "--guidance"), (["--null_label", "--label", "1"], "--null_label"),
+                       (["--cond_image", "x.png"], "--cond_image")]:
         r = subprocess.run(
             [sys.executable, "-m", "launch.sample", "--workdir", workdir, "--num", "2", "--out", str(tmp_path / "x.png"), *extra],
             cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300,
@@ -235,3 +249,167 @@ def test_sigkill_midway_then_resume_is_bit_identical(tmp_path, cli_env):
     assert run(killed).returncode == 0
     for a, b in zip(jax.tree.leaves(_params(full, 40)), jax.tree.leaves(_params(killed, 40))):
         np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- any module, frozen parts
+
+
+def _flat(tree):
+    from flax import traverse_util
+
+    return traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(trained, tmp_path_factory):
+    """2 steps of the tiny config that train only the decoder, the rest loaded from `trained`."""
+    workdir = str(tmp_path_factory.mktemp("fine_tuned"))
+    c = tiny_config(**{"train.num_steps": 2, "train.trainable": "decoder/.*", "train.init_from": trained[0]})
+    metrics = loop.train_and_evaluate(c, workdir)
+    return workdir, metrics
+
+
+def test_frozen_params_stay_bit_identical_and_only_trainable_ones_have_ema_and_opt_state(trained, fine_tuned):
+    from jdiff.workdir import load_params
+
+    source, _ = load_params(trained[0])
+    state = _params(fine_tuned[0])
+    src = _flat(source)
+    frozen, params, ema = _flat(state["frozen"]), _flat(state["params"]), _flat(state["ema_params"])
+    assert frozen and all(k.startswith("encoder/") for k in frozen)
+    assert params and all(k.startswith("decoder/") for k in params) and set(ema) == set(params)
+    assert set(frozen) | set(params) == set(src)
+    for k, v in frozen.items():  # loaded from init_from, then untouched by 2 steps
+        np.testing.assert_array_equal(v, src[k], err_msg=k)
+    assert any(not np.array_equal(params[k], src[k]) for k in params)  # the decoder trained
+    opt_paths = {"/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+                 for path, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]}
+    assert not any("encoder" in p for p in opt_paths) and any("decoder" in p for p in opt_paths)
+    assert fine_tuned[1]["num_trainable_params"] < fine_tuned[1]["num_params"]
+
+
+def test_init_from_with_a_mismatched_shape_names_the_path(trained, tmp_path):
+    c = tiny_config(**{"model.base_channels": 16, "train.init_from": trained[0]})
+    with pytest.raises(ValueError, match=r"config.train.init_from: param '[a-z_0-9/]+' has shape"):
+        loop.train_and_evaluate(c, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")
+
+
+class _Recorder:
+    """A fake network: out = w * x_t, and the conditioning it was called with (eagerly)."""
+
+    def __init__(self):
+        self.conds = []
+
+    def __call__(self, params, x, t, cond=None, train=False, rngs=None):
+        self.conds.append(cond)
+        return params["w"] * x
+
+
+def _fake_step(c, transform=None, num_classes=10):
+    from jdiff.train.step import make_train_step
+
+    rec = _Recorder()
+    opt = make_optimizer(c.optim)
+    state = create_train_state({"w": jnp.asarray(0.5)}, opt, jax.random.key(0))
+    step = make_train_step(rec, config_lib.make_schedule(c), opt, c, transform=transform, num_classes=num_classes)
+    return rec, state, step
+
+
+def test_per_example_loss_weights():
+    c = tiny_config()
+    x0 = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1), minval=-1, maxval=1)
+    _, state, step = _fake_step(c, num_classes=None)
+    loss = lambda b: float(step(state, b)[1]["loss"])  # noqa: E731
+    plain = loss({"image": x0})
+    np.testing.assert_allclose(loss({"image": x0, "loss_weight": jnp.full((4,), 2.0)}), 2 * plain, rtol=1e-6)
+    w = jnp.array([1.0, 0.0, 0.0, 0.0])
+    garbage = x0.at[1:].set(123.0)
+    np.testing.assert_allclose(loss({"image": x0, "loss_weight": w}), loss({"image": garbage, "loss_weight": w}), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"batch\['loss_weight'\]"):
+        step(state, {"image": x0, "loss_weight": jnp.ones(3)})
+    with pytest.raises(ValueError, match=r"batch: unknown key.*'label'.*cond"):
+        step(state, {"image": x0, "label": jnp.zeros(4, jnp.int32)})
+
+
+def test_p_uncond_drops_any_conditioning_to_its_null_value():
+    c = tiny_config(**{"diffusion.p_uncond": 0.5})
+    c.diffusion.uncond_keys = ("context", "context_mask")
+    B = 64
+    context = jax.random.normal(jax.random.key(2), (B, 3, 4)) + 5.0
+    cond = {"label": jnp.arange(B, dtype=jnp.int32) % 10, "context": context, "context_mask": jnp.ones((B, 3), bool)}
+    rec, state, step = _fake_step(c)
+    step(state, {"image": jnp.zeros((B, 8, 8, 1)), "cond": cond})
+    seen = {k: np.asarray(v) for k, v in rec.conds[-1].items()}
+    dropped = ~seen["context_mask"].any(axis=1)
+    assert 10 < dropped.sum() < B - 10
+    np.testing.assert_array_equal(seen["context"][dropped], 0.0)
+    np.testing.assert_array_equal(seen["context"][~dropped], np.asarray(context)[~dropped])
+    assert seen["context_mask"][~dropped].all()
+    np.testing.assert_array_equal(seen["label"], np.asarray(cond["label"]))  # not in uncond_keys
+
+
+def test_batch_transforms_run_inside_the_step_with_their_own_key():
+    from jdiff.train import transforms
+
+    keys = []
+
+    def zero_weight():
+        def transform(batch, key):
+            keys.append(jax.random.key_data(key))
+            return {**batch, "loss_weight": jnp.zeros(batch["image"].shape[:1])}
+
+        return transform
+
+    transforms.register("test_zero_weight", zero_weight)
+    c = tiny_config()
+    _, state, step = _fake_step(c, transform=transforms.get("test_zero_weight"), num_classes=None)
+    new, m = step(state, {"image": jnp.ones((2, 8, 8, 1))})
+    assert float(m["loss"]) == 0.0 and float(m["grad_norm"]) == 0.0
+    step(new, {"image": jnp.ones((2, 8, 8, 1))})
+    assert not np.array_equal(keys[0], keys[1])  # a fresh key every step
+
+    down = transforms.get("downsample_image", {"factor": 2})
+    x0 = jax.random.uniform(jax.random.key(3), (2, 8, 8, 1), minval=-1, maxval=1)
+    out = down({"image": x0, "cond": {"label": jnp.zeros(2, jnp.int32)}}, jax.random.key(0))
+    want = jax.image.resize(jax.image.resize(x0, (2, 4, 4, 1), "bilinear"), (2, 8, 8, 1), "bilinear")
+    np.testing.assert_allclose(out["cond"]["image"], want)
+    assert set(out["cond"]) == {"label", "image"}
+    with pytest.raises(ValueError, match="config.data.transform: unknown transform 'nope'"):
+        transforms.get("nope")
+    with pytest.raises(ValueError, match="config.data.transform_kwargs"):
+        transforms.get("downsample_image", {"factr": 2})
+
+
+def test_warmup_zero_trains_at_full_rate_from_step_zero():
+    from jdiff.train.state import learning_rate
+
+    c = tiny_config(**{"optim.warmup_steps": 0})
+    assert float(learning_rate(c.optim)(0)) == c.optim.lr
+    opt = make_optimizer(c.optim)
+    params = {"w": jnp.ones(3)}
+    updates, _ = opt.update({"w": jnp.ones(3)}, opt.init(params), params)
+    assert float(jnp.abs(updates["w"]).min()) > 0.5 * c.optim.lr
+    assert float(learning_rate(tiny_config(**{"optim.warmup_steps": 4}).optim)(0)) == 0.0
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"sample.method": "dpmm"}, r"config.sample.method: expected one of .*'ddim'.*got 'dpmm'"),
+    ({"sample.steps": 21}, r"config.sample.steps: expected None or an int in \[1, 20\]"),
+    ({"sample.steps": 0}, r"config.sample.steps"),
+    ({"sample.method": "ddpm", "sample.eta": 0.5}, r"config.sample .*eta"),
+    ({"model.num_classes": None, "diffusion.p_uncond": 0.0, "sample.guidance": 1.0}, r"config.sample.guidance"),
+    ({"model.num_classes": None}, r"config.diffusion.p_uncond"),
+    ({"eval.evaluator": "inception_fid"}, r"config.eval.evaluator: unknown evaluator 'inception_fid'"),
+    ({"data.name": "shapes", "data.resolution": 8, "model.num_classes": None, "diffusion.p_uncond": 0.0,
+      "eval.num_samples": 8}, r"config.eval.evaluator: 'digits' scores"),
+    ({"data.transform": "nope"}, r"config.data.transform: unknown transform"),
+    ({"model.image_channels": 1}, r"config.model.image_channels: 1 needs cond\['image'\]"),
+    ({"train.trainable": "no/such/param"}, r"config.train.trainable: 'no/such/param' matches no parameter"),
+    ({"train.init_from": "/no/such/workdir"}, r"workdir: '/no/such/workdir' has no config.json"),
+    ({"optim.warmup_steps": -1}, r"config.optim.warmup_steps"),
+])
+def test_sample_eval_and_run_settings_are_checked_before_anything_is_written(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        loop.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w")

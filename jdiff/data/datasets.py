@@ -2,14 +2,19 @@
 
 Keys read from the section (a dict or ``ml_collections.ConfigDict``; other keys, such as
 the batch settings that :mod:`jdiff.data.pipeline` takes, are left alone):
-  name         "digits" | "shapes" | any TFDS name ("mnist", "cifar10", ...)   (required)
-  split        "train" | "test" for digits and shapes; any TFDS split string  (default "train")
+  name         "digits" | "shapes" | "fashion_mnist" | "fashion_mnist_sample" | any TFDS name
+               ("mnist", "cifar10", ...)   (required)
+  split        "train" | "test" for digits, shapes and fashion_mnist; any TFDS split string
+               (default "train"); fashion_mnist_sample has one set of 300 images for both
   resolution   shapes: image side (default 32); TFDS: crop-and-resize side (default None,
-               keep the stored size); digits: None or 8
+               keep the stored size); digits: None or 8; fashion_mnist(_sample): None (28)
+               or R <= 28, area-downsampled once at load (jdiff.data.fashion_mnist)
   num_examples shapes: how many to generate (default 10,000 for train, 1,000 for test)
   seed         shapes: the generation seed (default 0); train and test use the independent
                streams [seed, 0] and [seed, 1]
-  data_dir, image_key, label_key, download   TFDS only, as in :func:`tfds_source`
+  data_dir     fashion_mnist: the directory of its IDX files (default the Debian location
+               /usr/share/datasets/fashion-mnist), else the TFDS data_dir of the fallback
+  data_dir, image_key, label_key, download   TFDS, as in :func:`tfds_source`
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jdiff.data import digits as digits_lib
+from jdiff.data import fashion_mnist as fashion_mnist_lib
 from jdiff.data import shapes as shapes_lib
 from jdiff.data.tfds_source import UnknownDatasetError, tfds_source
 
 __all__ = ["Dataset", "get_dataset", "DATA_CONFIG_KEYS", "BUILTIN_DATASETS"]
 
-BUILTIN_DATASETS = ("digits", "shapes")
+BUILTIN_DATASETS = ("digits", "shapes", "fashion_mnist", "fashion_mnist_sample")
 DATA_CONFIG_KEYS = ("name", "split", "resolution", "num_examples", "seed", "data_dir", "image_key", "label_key", "download")
 _SHAPES_SPLITS = ("train", "test")
 _SHAPES_DEFAULT_NUM_EXAMPLES = {"train": 10_000, "test": 1_000}
@@ -71,6 +77,16 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
         images, labels = digits_lib.load_digits(split)
         source = {"image": images, "label": labels}
         return Dataset(source, digits_lib.DIGITS_SHAPE, digits_lib.DIGITS_NUM_CLASSES, name, split)
+
+    if name in ("fashion_mnist", "fashion_mnist_sample"):
+        if split not in fashion_mnist_lib.FASHION_MNIST_FILES:
+            raise ValueError(f"split: expected one of {tuple(fashion_mnist_lib.FASHION_MNIST_FILES)} for {name}, got {split!r}")
+        if name == "fashion_mnist":
+            images, labels = fashion_mnist_lib.load_fashion_mnist(split, get("data_dir", None), resolution)
+        else:
+            images, labels = fashion_mnist_lib.load_fashion_mnist_sample(resolution)
+        source = {"image": images, "label": labels}
+        return Dataset(source, images.shape[1:], fashion_mnist_lib.FASHION_MNIST_NUM_CLASSES, name, split)
 
     if name == "shapes":
         if split not in _SHAPES_SPLITS:

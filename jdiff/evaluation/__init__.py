@@ -1,12 +1,16 @@
-"""Evaluation of generated digits with an offline feature network (no Inception weights needed).
+"""Evaluation of generated samples with offline feature networks (no Inception weights needed).
 
-:mod:`~jdiff.evaluation.digits_classifier` holds the small CNN trained on the digits train
-split whose penultimate features and logits stand in for Inception-v3's;
+:mod:`~jdiff.evaluation.digits_classifier` and :mod:`~jdiff.evaluation.fashion_mnist_classifier`
+hold the small CNNs trained on the digits and Fashion-MNIST train splits whose penultimate
+features and logits stand in for Inception-v3's;
 :mod:`~jdiff.evaluation.sample_metrics` turns samples into FID, Inception Score,
 precision/recall, class accuracy and a pixel-space diversity number, using
-:mod:`jdiff.metrics` for the formulas.
+:mod:`jdiff.metrics` for the formulas. :mod:`~jdiff.evaluation.evaluators` is the registry the
+config names (``config.eval.evaluator = "digits"``), :mod:`~jdiff.evaluation.workdir` evaluates
+a trained network (``evaluate_loaded``, ``bits_per_dim``) independently of the training loop.
 """
 
+from jdiff.evaluation import evaluators
 from jdiff.evaluation.digits_classifier import (
     DIGITS_FEATURE_DIM,
     DigitsClassifier,
@@ -15,10 +19,21 @@ from jdiff.evaluation.digits_classifier import (
     load_digits_classifier_metadata,
     save_digits_classifier,
 )
+from jdiff.evaluation.fashion_mnist_classifier import (
+    FASHION_MNIST_FEATURE_DIM,
+    FashionMnistClassifier,
+    fashion_mnist_features,
+    load_fashion_mnist_classifier,
+    load_fashion_mnist_classifier_metadata,
+    save_fashion_mnist_classifier,
+)
 from jdiff.evaluation.sample_metrics import (
+    FEATURE_SPACES,
     PRECISION_RECALL_K,
     REFERENCE_SPLITS,
     evaluate_digit_samples,
+    evaluate_samples,
+    fid_floor,
     mean_pairwise_distance,
     reference_floor,
 )
@@ -26,13 +41,22 @@ from jdiff.evaluation.sample_metrics import (
 __all__ = [
     "DIGITS_FEATURE_DIM",
     "DigitsClassifier",
+    "FASHION_MNIST_FEATURE_DIM",
+    "FEATURE_SPACES",
+    "FashionMnistClassifier",
     "PRECISION_RECALL_K",
     "REFERENCE_SPLITS",
     "digits_features",
     "evaluate_digit_samples",
+    "evaluate_samples",
+    "fashion_mnist_features",
+    "fid_floor",
     "load_digits_classifier",
     "load_digits_classifier_metadata",
+    "load_fashion_mnist_classifier",
+    "load_fashion_mnist_classifier_metadata",
     "mean_pairwise_distance",
     "reference_floor",
     "save_digits_classifier",
+    "save_fashion_mnist_classifier",
 ]

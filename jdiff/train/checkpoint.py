@@ -13,6 +13,7 @@ FSDP).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -88,13 +89,25 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         for step in reversed(self.steps()):
             try:
-                return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+                return self._restore_step(step, abstract)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 logging.warning("checkpoint %s in %s could not be restored (%s: %s); trying an older one",
                                 step, self.directory, type(e).__name__, str(e)[:300])
         if self.steps():
             raise ValueError(f"no checkpoint in {self.directory} could be restored (steps {self.steps()}); nothing was changed")
         return None
+
+    def _restore_step(self, step: int, abstract: Any) -> Any:
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception:
+            # Checkpoints written before TrainState had a ``frozen`` field hold the same
+            # state with everything trainable: restore the other fields into it.
+            if not (dataclasses.is_dataclass(abstract) and getattr(abstract, "frozen", None) == {}):
+                raise
+            legacy = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(abstract) if f.name != "frozen"}
+            restored = self.manager.restore(step, args=ocp.args.StandardRestore(legacy))
+            return abstract.replace(**restored)
 
     def close(self) -> None:
         if self._manager is not None:

@@ -4,14 +4,20 @@ and the check that a workdir's checkpoint belongs to the same experiment."""
 from __future__ import annotations
 
 import json
+import math
 
 import ml_collections
 
-from jdiff import diffusion, losses, schedules
+from jdiff import conditioning, diffusion, losses, schedules
 
 # Sections whose change makes an existing checkpoint meaningless (a different network,
 # process or data); train/sample/logging settings may change between restarts.
-INCOMPATIBLE_SECTIONS = ("model", "diffusion", "data.name", "data.resolution", "seed")
+INCOMPATIBLE_SECTIONS = (
+    "model_name", "model", "diffusion", "data.name", "data.resolution", "data.transform", "data.transform_kwargs",
+    "train.trainable", "seed",
+)
+# Free-form sections: their keys belong to the module / transform they configure, which checks them.
+FREE_FORM_SECTIONS = ("model", "data.transform_kwargs")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,8 +33,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
     c.data.batch_size = 128  # global batch, split over processes and devices
     c.data.random_flip = False
+    # A batch transform run inside the jitted train step with its own key (jdiff.train.transforms):
+    # "" none, "downsample_image" (cond["image"] = a down-then-up-sampled copy of x0), a name
+    # registered with jdiff.train.transforms.register, or "package.module:factory".
+    c.data.transform = ""
+    c.data.transform_kwargs = ml_collections.ConfigDict()  # keyword arguments of the transform's factory
 
-    # Fields of jdiff.models.UNet (UNet.from_config rejects unknown keys).
+    # The network: a name in the model registry (jdiff.models.MODELS, jdiff.models.register) or
+    # "package.module:Class", built by jdiff.models.build(model_name, model).
+    c.model_name = "unet"
+    # Fields of that module (the builder rejects unknown keys).
     c.model = ml_collections.ConfigDict()
 
     c.diffusion = ml_collections.ConfigDict()
@@ -41,7 +55,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.min_snr_gamma = 5.0
     c.diffusion.variance = "fixed_small"  # "learned_range" trains the improved-DDPM hybrid loss
     c.diffusion.vlb_weight = 0.001
-    c.diffusion.p_uncond = 0.0  # label dropout for classifier-free guidance
+    # The process: "vp" (the discrete schedule above), "edm" (Karras et al. 2022: x = x0 + sigma n,
+    # preconditioned denoiser, log-normal sigma, parameterization "x0") or "flow" (rectified flow:
+    # x_t = (1 - t) x0 + t eps, velocity target, parameterization "flow").
+    c.diffusion.process = "vp"
+    c.diffusion.sigma_min = 0.002  # edm: the noise range of sampling (Table 1)
+    c.diffusion.sigma_max = 80.0
+    c.diffusion.sigma_data = 0.5  # edm: data std of the preconditioning
+    c.diffusion.p_mean = -1.2  # edm: ln(sigma) ~ N(p_mean, p_std^2) in training
+    c.diffusion.p_std = 1.2
+    c.diffusion.flow_time = "uniform"  # flow: "uniform" | "logit_normal" training times (Esser et al. 2024)
+    c.diffusion.p_uncond = 0.0  # conditioning dropout for classifier-free guidance (Ho & Salimans 2022)
+    # The conditioning kinds p_uncond drops to their null value (jdiff.conditioning.drop); an
+    # image or aug_level has no null value and is never dropped.
+    c.diffusion.uncond_keys = ("label", "context", "context_mask")
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adam"
@@ -62,12 +89,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.sample_every = 0  # 0: only at the end
     c.train.progress = True  # tqdm progress bar
+    # Regex (re.fullmatch) over '/'-joined param paths of the params to train, e.g.
+    # "decoder/.*"; the rest stay frozen, bit-identical, with no EMA or optimizer state. "": all.
+    c.train.trainable = ""
+    # A workdir whose newest EMA params initialise every param with the same path (and shape)
+    # before training starts (e.g. the frozen part of a fine-tune). "": none.
+    c.train.init_from = ""
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num = 64
     c.sample.method = "ddpm"
     c.sample.steps = ml_collections.FieldReference(None, field_type=int)
-    c.sample.eta = 0.0
+    c.sample.eta = ml_collections.FieldReference(None, field_type=float)  # DDIM eta (None: the sampler's default)
     c.sample.guidance = 0.0  # classifier-free guidance weight w for class-conditional models
     c.sample.clip = True  # clip predicted x_0 to [-1, 1]
     c.sample.batch_size = 256
@@ -75,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 0  # 0: no evaluation at the end of training
     c.eval.bpd_examples = 0  # test examples for the bits/dim bound (T network calls each)
+    # Scores the samples (jdiff.evaluation.evaluators): "digits" (FID etc. with the digits
+    # classifier; digits data only) or "" (none: only bits/dim, if bpd_examples).
+    c.eval.evaluator = "digits"
     return c
 
 
@@ -92,13 +128,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Reject unknown keys (outside ``model``) and values outside their allowed sets."""
     known = set(_flatten(base_config().to_dict()))
-    unknown = sorted(k for k in _flatten(config.to_dict()) if not k.startswith("model.") and k not in known)
+    unknown = sorted(k for k in _flatten(config.to_dict())
+                     if not any(k.startswith(s + ".") for s in FREE_FORM_SECTIONS) and k not in known)
     if unknown:
         raise ValueError(f"config: unknown key(s) {unknown}; see jdiff.train.config.base_config for the accepted keys")
     d = config.diffusion
     if d.schedule not in ("linear", "cosine"):
         raise ValueError(f"config.diffusion.schedule: expected 'linear' or 'cosine', got {d.schedule!r}")
-    if d.parameterization not in ("eps", "x0", "v"):
+    if d.process not in PROCESSES:
+        raise ValueError(f"config.diffusion.process: expected one of {PROCESSES}, got {d.process!r}")
+    want = {"edm": "x0", "flow": "flow"}.get(d.process)
+    if want is not None:
+        if d.parameterization != want:
+            raise ValueError(f"config.diffusion.parameterization: expected {want!r} for process={d.process!r} "
+                             f"(what the sampled model predicts), got {d.parameterization!r}")
+        if d.variance != "fixed_small" or d.weighting != "uniform":
+            raise ValueError(f"config.diffusion.variance / weighting: process={d.process!r} has its own loss; expected "
+                             f"'fixed_small' / 'uniform', got {d.variance!r} / {d.weighting!r}")
+        if d.process == "edm":
+            schedules.edm(d.sigma_min, d.sigma_max, d.sigma_data)  # raises on a bad range
+        if d.process == "flow" and d.flow_time not in ("uniform", "logit_normal"):
+            raise ValueError(f"config.diffusion.flow_time: expected 'uniform' or 'logit_normal', got {d.flow_time!r}")
+    elif d.parameterization not in ("eps", "x0", "v"):
         raise ValueError(f"config.diffusion.parameterization: expected 'eps', 'x0' or 'v', got {d.parameterization!r}")
     if d.weighting not in losses.WEIGHTINGS:
         raise ValueError(f"config.diffusion.weighting: expected one of {losses.WEIGHTINGS}, got {d.weighting!r}")
@@ -111,8 +162,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if not 0.0 <= d.p_uncond < 1.0:
         raise ValueError(f"config.diffusion.p_uncond: expected a probability in [0, 1), got {d.p_uncond}")
-    if d.p_uncond > 0 and config.model.get("num_classes", None) is None:
-        raise ValueError("config.diffusion.p_uncond > 0 needs a class-conditional model (config.model.num_classes)")
+    bad = [k for k in d.uncond_keys if k not in conditioning.DROPPABLE]
+    if isinstance(d.uncond_keys, str) or bad:
+        raise ValueError(f"config.diffusion.uncond_keys: expected a tuple of kinds from {conditioning.DROPPABLE}, "
+                         f"got {d.uncond_keys!r}")
+    if not isinstance(config.model_name, str) or not config.model_name:
+        raise ValueError(f"config.model_name: expected a model name such as 'unet', got {config.model_name!r}")
+    if not isinstance(config.train.init_from, str):
+        raise ValueError(f"config.train.init_from: expected a workdir path or '', got {config.train.init_from!r}")
+    if not isinstance(config.eval.evaluator, str):
+        raise ValueError(f"config.eval.evaluator: expected an evaluator name or '', got {config.eval.evaluator!r}")
+    for name in ("num_samples", "bpd_examples"):
+        v = config.eval[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"config.eval.{name}: expected an int >= 0, got {v!r}")
+    for name in ("num", "batch_size"):
+        v = config.sample[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.sample.{name}: expected a positive int, got {v!r}")
+    g = config.sample.guidance
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+        raise ValueError(f"config.sample.guidance: expected a finite weight >= 0, got {g!r}")
+    w = config.optim.warmup_steps
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        raise ValueError(f"config.optim.warmup_steps: expected an int >= 0, got {w!r}")
     for name in ("batch_size",):
         v = config.data[name]
         if not isinstance(v, int) or v < 1:
@@ -123,8 +196,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.train.{name}: expected a positive int, got {v!r}")
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
+PROCESSES = ("vp", "edm", "flow")
+
+
+def make_schedule(config: ml_collections.ConfigDict):
+    """The process of ``config.diffusion``: a discrete :class:`~jdiff.schedules.Schedule` (process
+    "vp"), an :class:`~jdiff.schedules.EDMProcess` or a :class:`~jdiff.schedules.FlowProcess`."""
     d = config.diffusion
+    process = d.get("process", "vp")
+    if process == "edm":
+        return schedules.edm(d.sigma_min, d.sigma_max, d.sigma_data)
+    if process == "flow":
+        return schedules.flow()
     if d.schedule == "linear":
         return schedules.linear(d.num_timesteps, d.beta_start, d.beta_end)
     return schedules.cosine(d.num_timesteps)
@@ -139,6 +222,9 @@ def experiment_fingerprint(config: ml_collections.ConfigDict) -> dict:
 def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
     """Raise if ``workdir``'s checkpoint was written by an experiment other than ``config``."""
     now = experiment_fingerprint(config)
+    # A key the schema gained after the checkpoint was written stood at its default then.
+    defaults = experiment_fingerprint(base_config())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved and not k.startswith("model.")}, **saved}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
     if diff:
         details = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, config {now.get(k, '<absent>')!r}" for k in diff[:8])
@@ -146,3 +232,9 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: st
             f"workdir {workdir!r} holds a checkpoint of a different experiment ({details}). "
             "Use a new --workdir; nothing in this one was changed."
         )
+
+
+def sigma_data_of(config: ml_collections.ConfigDict) -> float | None:
+    """EDM's sigma_data when the network must be wrapped in the preconditioning, else None."""
+    d = config.diffusion
+    return float(d.sigma_data) if d.get("process", "vp") == "edm" else None

@@ -30,35 +30,23 @@ from jax.sharding import Mesh
 
 from jdiff import data as data_lib
 from jdiff import images as images_lib
-from jdiff import parallel
-from jdiff.models import UNet
+from jdiff import parallel, samplers
+from jdiff.evaluation import evaluators
+from jdiff.evaluation.workdir import evaluate_loaded
+from jdiff.inference import balanced_labels, generate
 from jdiff.train import config as config_lib
+from jdiff.train import network
 from jdiff.train.checkpoint import Checkpointer
-from jdiff.train.generate import generate
-from jdiff.train.state import TrainState, create_train_state, make_optimizer
+from jdiff.train.network import build_model, init_params
+from jdiff.train.state import TrainState, create_train_state, make_optimizer, overlay_params, param_paths, split_params
 from jdiff.train.step import make_train_step
+from jdiff.workdir import Loaded, load_config, load_params
+
+__all__ = ["NonFiniteLossError", "build_model", "init_params", "train_and_evaluate", "validate_run"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss; no checkpoint was written after it."""
-
-
-def build_model(config: ml_collections.ConfigDict, image_shape) -> UNet:
-    return UNet.from_config(config.model)
-
-
-def init_params(model: UNet, image_shape, key: jax.Array, num_classes=None):
-    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32) if getattr(model, "num_classes", None) is not None else None
-    return model.init({"params": key}, x, t, y=y)["params"]
-
-
-def _apply_fn(model):
-    def apply(params, x, t, y=None, cond=None, train=False, rngs=None):
-        return model.apply({"params": params}, x, t, y=y, cond=cond, train=train, rngs=rngs)
-
-    return apply
 
 
 class _MetricLog:
@@ -91,6 +79,115 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
+def _zero_output(x, t):
+    return jnp.zeros_like(x)
+
+
+def _zero_output_with_variance(x, t):
+    return jnp.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+
+
+def _check_sampling(config: ml_collections.ConfigDict, model, dataset, schedule) -> None:
+    """``config.sample``: a registered method, steps in [1, T], guidance only for a model it can
+    guide, and whatever else the sampler itself rejects (tried on abstract values: no compile)."""
+    s = config.sample
+    names = samplers.available()
+    if s.method not in names:
+        raise ValueError(f"config.sample.method: expected one of {names} (jdiff.samplers.register adds more), "
+                         f"got {s.method!r}")
+    if hasattr(schedule, "num_timesteps"):
+        T = schedule.num_timesteps
+        if s.steps is not None and (isinstance(s.steps, bool) or not isinstance(s.steps, int) or not 1 <= s.steps <= T):
+            raise ValueError(f"config.sample.steps: expected None or an int in [1, {T}] (config.diffusion.num_timesteps), "
+                             f"got {s.steps!r}")
+    elif s.steps is None or isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps < 1:
+        raise ValueError(f"config.sample.steps: expected a positive int for process={config.diffusion.process!r} "
+                         f"(a continuous process has no default number of steps), got {s.steps!r}")
+    if s.guidance and not network.class_conditional(model):
+        raise ValueError(f"config.sample.guidance: {s.guidance} needs a class-conditional model (sample grids guide "
+                         "towards their labels), but config.model.num_classes is None; expected 0")
+    learned = config.diffusion.variance in ("learned", "learned_range")
+    zeros = _zero_output_with_variance if learned else _zero_output
+    try:
+        jax.eval_shape(
+            lambda x, k: samplers.sample(zeros, schedule, x, k, method=s.method, steps=s.steps, eta=s.eta,
+                                         clip=s.clip or None, variance=config.diffusion.variance,
+                                         parameterization=config.diffusion.parameterization),
+            jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape), jnp.float32), jax.random.key(0),
+        )
+    except ValueError as e:
+        raise ValueError(f"config.sample (method={s.method!r}, steps={s.steps}, eta={s.eta}): {e}") from None
+
+
+def _check_evaluation(config: ml_collections.ConfigDict, dataset) -> None:
+    e = config.eval
+    ev = evaluators.get(e.evaluator)  # an unknown name fails even when evaluation is off
+    if e.num_samples and ev is not None:
+        ev.check(tuple(dataset.image_shape), dataset.num_classes, config.data.name)
+        if e.num_samples < ev.min_samples:
+            raise ValueError(f"config.eval.num_samples: evaluator {e.evaluator!r} needs at least {ev.min_samples} "
+                             f"samples, got {e.num_samples}")
+    if e.bpd_examples:
+        data_lib.get_dataset(config.data, split="test")  # the bound is computed on the test split
+
+
+def _check_conditioning(config: ml_collections.ConfigDict, model, dataset, transform) -> None:
+    """Every batch must carry the conditioning the network reads, and p_uncond something to drop."""
+    cond = network.example_batch(model, dataset.image_shape, transform, fill=False)["cond"]
+    image_channels = getattr(model, "image_channels", 0) or 0
+    if image_channels and "image" not in cond:
+        raise ValueError(
+            f"config.model.image_channels: {image_channels} needs cond['image'] in every batch, but no batch transform "
+            f"provides it (config.data.transform={config.data.transform!r}); expected e.g. 'downsample_image'"
+        )
+    if "image" in cond and cond["image"].shape[-1] != image_channels:
+        raise ValueError(f"config.model.image_channels: {image_channels} does not match the {cond['image'].shape[-1]} "
+                         f"channels of cond['image'] that config.data.transform={config.data.transform!r} makes")
+    if getattr(model, "aug_level_embedding", False) and "aug_level" not in cond:
+        raise ValueError("config.model.aug_level_embedding: True needs cond['aug_level'] in every batch, but no batch "
+                         f"transform provides it (config.data.transform={config.data.transform!r})")
+    d = config.diffusion
+    if d.p_uncond > 0:
+        full = network.example_batch(model, dataset.image_shape, transform)["cond"]
+        if not any(k in full for k in d.uncond_keys):
+            raise ValueError(
+                f"config.diffusion.p_uncond: {d.p_uncond} drops the kinds {tuple(d.uncond_keys)} "
+                f"(config.diffusion.uncond_keys), but the model reads none of them (its conditioning: {sorted(full)}); "
+                "expected 0, or a conditional model (config.model.num_classes / context_dim)"
+            )
+
+
+def validate_run(config: ml_collections.ConfigDict, model, dataset, schedule, transform=None) -> None:
+    """Everything about a run that can be checked before training: the sample and eval sections
+    (used only at the end), the conditioning the batches carry. Raises ValueError naming the key."""
+    if config.model.get("num_classes", None) not in (None, dataset.num_classes):
+        raise ValueError(
+            f"config.model.num_classes: {config.model.num_classes} does not match dataset "
+            f"{config.data.name!r} with {dataset.num_classes} classes"
+        )
+    _check_conditioning(config, model, dataset, transform)
+    _check_sampling(config, model, dataset, schedule)
+    _check_evaluation(config, dataset)
+    init_from = config.train.init_from
+    if init_from:
+        load_config(init_from)  # a readable workdir; its params are read only if no checkpoint resumes
+
+
+def _init_from(config: ml_collections.ConfigDict, params, trainable: str, mesh: Mesh):
+    """``params`` with the matching paths replaced by ``config.train.init_from``'s EMA params."""
+    source, step = load_params(config.train.init_from, mesh)
+    params, loaded = overlay_params(params, source)
+    logging.info("initialised %d of %d param arrays from %s (step %d)", len(loaded), len(param_paths(params)),
+                 config.train.init_from, step)
+    if trainable:
+        frozen = param_paths(split_params(params, trainable)[1])
+        missing = sorted(set(frozen) - set(loaded))
+        if missing:
+            logging.warning("%d frozen param arrays are not in %s and keep their random init, e.g. %s",
+                            len(missing), config.train.init_from, missing[:3])
+    return params
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -101,6 +198,12 @@ def train_and_evaluate(
 ) -> dict:
     """Train (resuming from ``workdir`` if it holds a checkpoint of this experiment), write
     sample grids and logs, and return the final metrics (also written to metrics.json).
+
+    The network is ``jdiff.models.build(config.model_name, config.model)``; each data batch
+    becomes the step's ``{"image", "cond"}`` (labels -> ``cond["label"]`` for class-conditional
+    networks) and passes through ``config.data.transform`` inside the step. Only the params
+    matching ``config.train.trainable`` train; ``config.train.init_from`` initialises matching
+    params from another workdir's EMA params.
 
     ``mesh``: the devices to train on (default ``jdiff.parallel.make_mesh()``, all devices of all
     processes); the global batch ``config.data.batch_size`` is split along its data axis.
@@ -114,41 +217,51 @@ def train_and_evaluate(
     parallel.check_batch_size(config.data.batch_size, mesh, "config.data.batch_size")
     writer = jax.process_index() == 0
     dataset = data_lib.get_dataset(config.data)
-    if config.model.get("num_classes", None) not in (None, dataset.num_classes):
-        raise ValueError(
-            f"config.model.num_classes: {config.model.num_classes} does not match dataset "
-            f"{config.data.name!r} with {dataset.num_classes} classes"
-        )
-    model = build_model(config, dataset.image_shape)
+    model = build_model(config)
     schedule = config_lib.make_schedule(config)
+    transform = network.make_transform(config)
+    validate_run(config, model, dataset, schedule, transform)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     ckpt.check_experiment(config)
 
     optimizer = make_optimizer(config.optim)
+    trainable = config.train.trainable
     init_key, state_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
+    example_cond = network.example_batch(model, dataset.image_shape, transform)["cond"]
 
-    def init_state():
-        return create_train_state(init_params(model, dataset.image_shape, init_key), optimizer, state_key)
+    def make_params():
+        return init_params(model, dataset.image_shape, init_key, cond=example_cond)
+
+    def init_state(params):
+        return create_train_state(params, optimizer, state_key, trainable)
 
     # Every process computes the same initial state; each device keeps only its shards.
-    state_shardings = parallel.param_shardings(jax.eval_shape(init_state), mesh, fsdp, min_size=fsdp_min_size)
-    state = jax.jit(init_state, out_shardings=state_shardings)()
+    param_shardings = parallel.param_shardings(jax.eval_shape(make_params), mesh, fsdp, min_size=fsdp_min_size)
+    params = jax.jit(make_params, out_shardings=param_shardings)()
+    state_shardings = parallel.param_shardings(jax.eval_shape(init_state, params), mesh, fsdp, min_size=fsdp_min_size)
+    state = jax.jit(init_state, out_shardings=state_shardings)(params)
     restored = ckpt.restore(state)  # onto the target shardings, whatever mesh wrote it
     if restored is not None:
         state = restored
         logging.info("resumed from step %d in %s", int(state.step), workdir)
+    elif config.train.init_from:
+        params = _init_from(config, params, trainable, mesh)
+        state = jax.jit(init_state, out_shardings=state_shardings)(params)
+    del params
     if writer:
         ckpt.write_experiment(config)
 
     train_step = jax.jit(
-        make_train_step(_apply_fn(model), schedule, optimizer, config),
+        make_train_step(network.apply_fn(model), schedule, optimizer, config, transform=transform,
+                        num_classes=getattr(model, "num_classes", None)),
         in_shardings=(state_shardings, parallel.data_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
     log = _MetricLog(workdir) if writer else None
-    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-    logging.info("model: %s parameters", f"{num_params:,}")
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves((state.params, state.frozen)))
+    num_trainable = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+    logging.info("model: %s parameters, %s trainable", f"{num_params:,}", f"{num_trainable:,}")
 
     tc = config.train
     start = int(jax.device_get(state.step))
@@ -182,7 +295,7 @@ def train_and_evaluate(
             dataset.source, step, batch_size=config.data.batch_size, seed=config.seed,
             random_flip=config.data.random_flip, process_index=jax.process_index(), process_count=jax.process_count(),
         )
-        batch = {"image": batch["image"], "label": batch["label"]} if dataset.num_classes else {"image": batch["image"]}
+        batch = network.step_batch(batch, model)
         state, metrics = train_step(state, parallel.global_batch(batch, mesh))
         pending.append((step + 1, metrics))
         steps_timed += 1
@@ -209,7 +322,8 @@ def train_and_evaluate(
         bar.close()
 
     grid = _write_samples(config, model, state, schedule, dataset, sample_key, os.path.join(workdir, "samples.png"), mesh)
-    final = {"step": int(jax.device_get(state.step)), "num_params": num_params, "samples_png": grid}
+    final = {"step": int(jax.device_get(state.step)), "num_params": num_params, "num_trainable_params": num_trainable,
+             "samples_png": grid}
     if log is not None and os.path.exists(log.path):
         with open(log.path) as f:
             lines = [json.loads(line) for line in f if line.strip()]
@@ -225,36 +339,43 @@ def train_and_evaluate(
     return final
 
 
-def _sample_labels(num: int, num_classes: int | None) -> np.ndarray | None:
-    """Class-balanced labels 0, 1, ..., K-1, 0, ... (one grid row per class when num = K^2)."""
-    if num_classes is None:
-        return None
-    return (np.arange(num) // max(1, num // num_classes)) % num_classes if num >= num_classes else np.arange(num) % num_classes
+def _sample_cond(config, model, dataset, num: int, key: jax.Array) -> dict:
+    """Conditioning for sample grids beyond labels (e.g. the low-resolution copy of the first
+    ``num`` training images for a cond["image"] model); {} for models that need none."""
+    if not network.needs_data_conditioning(model):
+        return {}
+    n = min(num, data_lib.source_length(dataset.source))
+    images = np.asarray(data_lib.batch_at(dataset.source, 0, batch_size=n, seed=config.seed, shuffle=False)["image"])
+    return network.conditioning_from_data(config, model, np.resize(images, (num,) + images.shape[1:]), None, key)
 
 
 def _write_samples(config, model, state: TrainState, schedule, dataset, key, path: str, mesh: Mesh | None = None) -> str:
-    """Sample on every process (the sampler is one SPMD program); process 0 writes the grid."""
+    """Sample on every process (the sampler is one SPMD program); process 0 writes the grid
+    (class-balanced labels, one class per row when ``sample.num`` is a multiple of K)."""
     s = config.sample
-    labels = _sample_labels(s.num, dataset.num_classes if model.num_classes is not None else None)
+    num_classes = getattr(model, "num_classes", None)
+    labels = None if num_classes is None else balanced_labels(s.num, num_classes)
     x = generate(
-        model, state.ema_params, schedule, dataset.image_shape, s.num, key,
-        labels=labels, guidance_weight=s.guidance, batch_size=s.batch_size, method=s.method, steps=s.steps,
+        model, state.full_ema_params(), schedule, dataset.image_shape, s.num, key,
+        labels=labels, cond=_sample_cond(config, model, dataset, s.num, jax.random.fold_in(key, 2)),
+        guidance_weight=s.guidance, batch_size=s.batch_size, method=s.method, steps=s.steps,
         eta=s.eta, clip=s.clip or None, variance=config.diffusion.variance, parameterization=config.diffusion.parameterization,
-        mesh=mesh,
+        mesh=mesh, sigma_data=config_lib.sigma_data_of(config),
     )
-    ncols = dataset.num_classes if (labels is not None and s.num % dataset.num_classes == 0) else None
+    ncols = s.num // num_classes if (labels is not None and s.num % num_classes == 0) else None
     return images_lib.save_grid(x, path, ncols=ncols) if jax.process_index() == 0 else path
 
 
 def evaluate(config, model, state: TrainState, schedule, dataset, key) -> dict:
-    """Sample quality numbers at the end of training (``config.eval``); empty if disabled."""
+    """Sample quality numbers at the end of training (``config.eval``: ``num_samples`` scored by
+    ``evaluator``, the bits/dim bound on ``bpd_examples`` test images); empty if both are 0."""
     e = config.eval
-    if not e.num_samples or config.data.name != "digits":
+    if not e.num_samples and not e.bpd_examples:
         return {}
-    from jdiff.evaluation.workdir import evaluate_loaded
-    from jdiff.train.restore import Loaded
-
-    loaded = Loaded(config, model, state.ema_params, schedule, tuple(dataset.image_shape), int(jax.device_get(state.step)))
-    result = evaluate_loaded(loaded, e.num_samples, jax.random.fold_in(key, 1), guidance_weight=config.sample.guidance,
-                             bpd_examples=e.bpd_examples)
+    loaded = Loaded(config, model, state.full_ema_params(), schedule, tuple(dataset.image_shape),
+                    int(jax.device_get(state.step)))
+    ev = evaluators.get(e.evaluator)
+    result = evaluate_loaded(loaded, max(e.num_samples, ev.min_samples if ev else 1), jax.random.fold_in(key, 1),
+                             guidance_weight=config.sample.guidance, bpd_examples=e.bpd_examples,
+                             evaluator=e.evaluator if e.num_samples else "")
     return {f"eval/{k}": v for k, v in result.items() if k not in ("step",)}

@@ -1,21 +1,33 @@
-"""The training state: step, params, EMA params, optimizer state and the base PRNG key."""
+"""The training state: step, trainable params, their EMA and optimizer state, the frozen
+params, and the base PRNG key.
+
+A regex over '/'-joined parameter paths (``config.train.trainable``) splits the network's
+params in two (:func:`split_params`): the trainable part is what the optimizer updates and
+the EMA averages; the frozen part rides along unchanged (bit for bit) and is merged back
+(:func:`merge_params`) for every network call. With the default ``""`` everything is
+trainable and ``frozen`` is empty.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue bit-identically (data order is a function of step).
 
-    ``rng`` holds raw key data (uint32) so checkpoints need no special key handling; step s
-    draws its randomness from ``fold_in(rng, s)``.
+    ``params``, ``ema_params`` and ``opt_state`` cover only the trainable params; ``frozen``
+    holds the rest (an empty dict when everything trains). ``rng`` holds raw key data
+    (uint32) so checkpoints need no special key handling; step s draws its randomness from
+    ``fold_in(rng, s)``.
     """
 
     step: jax.Array
@@ -23,20 +35,96 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    frozen: Any = flax.struct.field(default_factory=dict)
 
     @property
     def key(self) -> jax.Array:
         return jax.random.wrap_key_data(self.rng)
 
+    def full_params(self) -> Any:
+        """The whole network's params: trainable merged with frozen."""
+        return merge_params(self.params, self.frozen)
+
+    def full_ema_params(self) -> Any:
+        """The EMA of the trainable params merged with the frozen ones (what sampling uses)."""
+        return merge_params(self.ema_params, self.frozen)
+
+
+def param_paths(params: Any) -> list[str]:
+    """The '/'-joined paths of a nested params dict, e.g. ``encoder/conv_in/kernel``."""
+    return list(traverse_util.flatten_dict(_plain(params), sep="/"))
+
+
+def _plain(tree: Any) -> dict:
+    # FrozenDicts and ConfigDict-free plain dicts flatten alike.
+    return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else dict(tree)
+
+
+def compile_trainable(pattern: str, name: str = "config.train.trainable") -> re.Pattern | None:
+    """The compiled regex of a trainable mask; ``""`` (everything trains) gives None."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{name}: expected a regex string over '/'-joined param paths, got {pattern!r}")
+    if pattern == "":
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{name}: {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def split_params(params: Any, trainable: str = "", name: str = "config.train.trainable") -> tuple[dict, dict]:
+    """``(trainable, frozen)``: the params whose '/'-joined path ``re.fullmatch``-es
+    ``trainable`` and the rest, as two nested dicts (``""``: all trainable, frozen ``{}``).
+
+    Raises ValueError naming ``name`` if the regex is invalid or matches no param.
+    """
+    regex = compile_trainable(trainable, name)
+    if regex is None:
+        return _plain(params), {}
+    flat = traverse_util.flatten_dict(_plain(params), sep="/")
+    train = {k: v for k, v in flat.items() if regex.fullmatch(k)}
+    if not train:
+        shown = sorted(flat)[:6]
+        raise ValueError(
+            f"{name}: {trainable!r} matches no parameter path (re.fullmatch over '/'-joined paths such as {shown}); "
+            "expected a regex selecting the params to train, or '' for all"
+        )
+    frozen = {k: v for k, v in flat.items() if k not in train}
+    return traverse_util.unflatten_dict(train, sep="/"), traverse_util.unflatten_dict(frozen, sep="/") if frozen else {}
+
+
+def merge_params(trainable: Any, frozen: Any) -> Any:
+    """Inverse of :func:`split_params` (a structural merge; works inside jit)."""
+    if not frozen:
+        return trainable
+    flat = traverse_util.flatten_dict(_plain(trainable), sep="/")
+    flat.update(traverse_util.flatten_dict(_plain(frozen), sep="/"))
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def learning_rate(optim) -> optax.Schedule:
+    """Linear warm-up from 0 to ``lr`` over ``warmup_steps`` steps (DDPM: 5000); a constant
+    ``lr`` when ``warmup_steps`` is 0 (step 0 already trains at full rate)."""
+    warmup = int(optim.warmup_steps)
+    if warmup < 0:
+        raise ValueError(f"optim.warmup_steps: expected an int >= 0, got {optim.warmup_steps!r}")
+    if warmup == 0:
+        return optax.constant_schedule(optim.lr)
+    return optax.linear_schedule(0.0, optim.lr, warmup)
+
 
 def make_optimizer(optim) -> optax.GradientTransformation:
     """optax chain from the config's ``optim`` section: global-norm clipping, then Adam(W)
-    with a linear warm-up to ``lr`` (DDPM: Adam, lr 2e-4, warm-up 5000, clip 1.0)."""
+    with a linear warm-up to ``lr`` (DDPM: Adam, lr 2e-4, warm-up 5000, clip 1.0).
+
+    It is applied to the trainable params only (:class:`TrainState`), so its state never
+    covers frozen params.
+    """
     if optim.optimizer not in ("adam", "adamw"):
         raise ValueError(f"optim.optimizer: expected 'adam' or 'adamw', got {optim.optimizer!r}")
     if not optim.lr > 0:
         raise ValueError(f"optim.lr: expected a positive learning rate, got {optim.lr}")
-    lr = optax.linear_schedule(0.0, optim.lr, max(int(optim.warmup_steps), 1))
+    lr = learning_rate(optim)
     if optim.optimizer == "adam":
         opt = optax.adam(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
     else:
@@ -47,12 +135,51 @@ def make_optimizer(optim) -> optax.GradientTransformation:
     return optax.chain(*chain)
 
 
-def create_train_state(params, optimizer: optax.GradientTransformation, key: jax.Array) -> TrainState:
-    """A fresh state at step 0; the EMA starts at the initial params."""
+def create_train_state(
+    params, optimizer: optax.GradientTransformation, key: jax.Array, trainable: str = "", frozen: Any = None
+) -> TrainState:
+    """A fresh state at step 0; the EMA starts at the initial (trainable) params.
+
+    ``params`` is the whole network's; ``trainable`` (a regex, :func:`split_params`) selects
+    the part that trains. Alternatively pass the trainable part as ``params`` and the rest as
+    ``frozen`` (then ``trainable`` must be ``""``).
+    """
+    if frozen is not None:
+        if trainable:
+            raise ValueError(f"trainable: expected '' when frozen params are given explicitly, got {trainable!r}")
+        train = _plain(params)
+    else:
+        train, frozen = split_params(params, trainable)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=params,
-        ema_params=jax.tree.map(jnp.array, params),
-        opt_state=optimizer.init(params),
+        params=train,
+        ema_params=jax.tree.map(jnp.array, train),
+        opt_state=optimizer.init(train),
         rng=jnp.array(jax.random.key_data(key)),  # a copy: train_step donates the state
+        frozen=frozen,
     )
+
+
+def overlay_params(params: Any, source: Any, name: str = "config.train.init_from") -> tuple[dict, list[str]]:
+    """``params`` with every leaf whose '/'-joined path is also in ``source`` replaced by the
+    source's value (cast to the target dtype); returns ``(params, loaded_paths)``.
+
+    Raises ValueError naming ``name`` and the path if a shared path has different shapes, or if
+    the two trees share no path at all (the source is a different network).
+    """
+    flat = traverse_util.flatten_dict(_plain(params), sep="/")
+    src = traverse_util.flatten_dict(_plain(source), sep="/")
+    shared = sorted(k for k in src if k in flat)
+    if not shared:
+        raise ValueError(
+            f"{name}: the source params share no path with this network's (source paths such as {sorted(src)[:4]}, "
+            f"this network's such as {sorted(flat)[:4]}); expected a workdir of a network with matching param names"
+        )
+    for k in shared:
+        if tuple(src[k].shape) != tuple(flat[k].shape):
+            raise ValueError(f"{name}: param {k!r} has shape {tuple(src[k].shape)} in the source but "
+                             f"{tuple(flat[k].shape)} in this network; expected equal shapes at every shared path")
+    out = dict(flat)
+    for k in shared:
+        out[k] = jnp.asarray(src[k], dtype=flat[k].dtype)
+    return traverse_util.unflatten_dict(out, sep="/"), shared

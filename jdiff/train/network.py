@@ -1,0 +1,133 @@
+"""The network a config names, its example inputs, and the batch the train step sees.
+
+``config.model_name`` (default ``"unet"``) is looked up in the model registry
+(``jdiff.models.build(name, config.model)``; a name may also be ``"package.module:Class"``), so
+the loop trains any Flax module called as ``module(x, t, cond=None, train=False)`` without
+knowing its class. Its params are initialised on an example batch built like a real one
+(data labels -> ``cond["label"]``, then the config's batch transform), so every conditioning
+kind the module will see during training is present at init.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jdiff import models
+from jdiff.train import transforms as transforms_lib
+
+DEFAULT_MODEL_NAME = "unet"
+
+
+def build_model(config: ml_collections.ConfigDict, image_shape: Any = None):
+    """The Flax module ``config.model_name`` built from ``config.model`` (``image_shape`` unused,
+    kept for callers of the old signature)."""
+    del image_shape
+    name = config.get("model_name", DEFAULT_MODEL_NAME)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"config.model_name: expected a registered model name such as 'unet', got {name!r}")
+    try:
+        return models.build(name, config.model)
+    except ValueError as e:
+        raise ValueError(f"config.model_name={name!r}, config.model: {e}") from None
+
+
+def class_conditional(module) -> bool:
+    return getattr(module, "num_classes", None) is not None
+
+
+def step_batch(data_batch: Mapping[str, Any], module) -> dict:
+    """A data batch ``{"image", "label"?, ...}`` -> the train step's ``{"image", "cond"}``:
+    labels become ``cond["label"]`` for a class-conditional module and are dropped otherwise."""
+    batch = {"image": data_batch["image"], "cond": {}}
+    if class_conditional(module):
+        if "label" not in data_batch:
+            raise ValueError(f"data: the model is class-conditional (num_classes={module.num_classes}) but the "
+                             "dataset has no labels")
+        batch["cond"]["label"] = data_batch["label"]
+    return batch
+
+
+def example_cond(module, image_shape: tuple[int, int, int], batch_size: int = 1) -> dict:
+    """Zeros of every conditioning kind ``module``'s fields ask for (label, image, context,
+    aug_level), with a leading ``batch_size``; what init needs when no data batch is at hand."""
+    h, w, _ = image_shape
+    cond: dict[str, Any] = {}
+    if class_conditional(module):
+        cond["label"] = jnp.zeros((batch_size,), jnp.int32)
+    image_channels = getattr(module, "image_channels", 0) or 0
+    if image_channels:
+        cond["image"] = jnp.zeros((batch_size, h, w, image_channels), jnp.float32)
+    context_dim = getattr(module, "context_dim", None)
+    if context_dim:
+        cond["context"] = jnp.zeros((batch_size, 1, context_dim), jnp.float32)
+        cond["context_mask"] = jnp.ones((batch_size, 1), bool)
+    if getattr(module, "aug_level_embedding", False):
+        cond["aug_level"] = jnp.zeros((batch_size,), jnp.float32)
+    return cond
+
+
+def example_batch(module, image_shape: tuple[int, int, int], transform: Callable | None = None, *,
+                  fill: bool = True) -> dict:
+    """A one-example train-step batch shaped like the real ones (labels, then ``transform``).
+    With ``fill``, kinds the module needs that neither provides are added as zeros (so init
+    works; a training batch without them still fails in the network, with its own message)."""
+    data = {"image": jnp.zeros((1,) + tuple(image_shape), jnp.float32), "label": jnp.zeros((1,), jnp.int32)}
+    batch = step_batch(data, module)
+    if transform is not None:
+        batch = transform(batch, jax.random.key(0))
+    if fill:
+        batch["cond"] = {**example_cond(module, image_shape), **batch.get("cond", {})}
+    return batch
+
+
+def init_params(module, image_shape: tuple[int, int, int], key: jax.Array, num_classes: Any = None, *,
+                cond: Mapping[str, Any] | None = None):
+    """``module.init`` on x [1, H, W, C], t [1] and ``cond`` (default :func:`example_cond`);
+    returns the ``params`` collection. ``num_classes`` is ignored (old signature)."""
+    del num_classes
+    x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    cond = example_cond(module, image_shape) if cond is None else dict(cond)
+    return module.init({"params": key}, x, t, cond=cond or None)["params"]
+
+
+def apply_fn(module) -> Callable[..., jax.Array]:
+    """``apply(params, x, t, cond=None, train=False, rngs=None)``, the form ``make_train_step`` takes."""
+
+    def apply(params, x, t, cond=None, train=False, rngs=None):
+        return module.apply({"params": params}, x, t, cond=cond, train=train, rngs=rngs)
+
+    return apply
+
+
+def make_transform(config: ml_collections.ConfigDict):
+    """The batch transform ``config.data.transform`` names (None for "")."""
+    return transforms_lib.get(config.data.get("transform", ""), config.data.get("transform_kwargs", None))
+
+
+def conditioning_from_data(config: ml_collections.ConfigDict, module, images: np.ndarray, labels: np.ndarray | None,
+                           key: jax.Array) -> dict:
+    """The conditioning the transform derives from data images (e.g. the low-resolution copy of
+    a super-resolution model), for sample grids and evaluation of models that need more than a
+    label: ``{"image": [N, H, W, Ci], ...}`` without the label (the caller picks labels)."""
+    transform = make_transform(config)
+    if transform is None:
+        return {}
+    batch = {"image": jnp.asarray(images, jnp.float32), "cond": {}}
+    if labels is not None and class_conditional(module):
+        batch["cond"]["label"] = jnp.asarray(labels, jnp.int32)
+    batch = transform(batch, key)
+    cond = dict(batch.get("cond", {}))
+    cond.pop("label", None)
+    return {k: np.asarray(v) for k, v in cond.items()}
+
+
+def needs_data_conditioning(module) -> bool:
+    """Whether sampling the module needs conditioning other than a class label."""
+    return bool(getattr(module, "image_channels", 0)) or bool(getattr(module, "aug_level_embedding", False))

@@ -1,0 +1,106 @@
+"""Inference and the command line apart from training: model functions, balanced labels, and a
+cond["image"] model trained and sampled through `python -m launch.train` / `launch.sample`."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdiff import data as data_lib
+from jdiff.inference import balanced_labels, generate, model_fn_for
+from jdiff.train import config as config_lib
+from jdiff.train import network
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import tiny, tiny_image_cond  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def conditional():
+    c = tiny.get_config()
+    model = network.build_model(c)
+    return model, network.init_params(model, (8, 8, 1), jax.random.key(0)), config_lib.make_schedule(c)
+
+
+def test_balanced_labels_differ_by_at_most_one_and_fill_grid_rows():
+    for k in (1, 3, 10):
+        for num in range(1, 41):
+            y = balanced_labels(num, k)
+            counts = np.bincount(y, minlength=k)
+            assert y.shape == (num,) and counts.max() - counts.min() <= 1, (num, k, counts)
+            assert y.min() >= 0 and y.max() < k
+        rows = balanced_labels(k * k, k).reshape(k, k)
+        np.testing.assert_array_equal(rows, np.repeat(np.arange(k)[:, None], k, axis=1))
+    with pytest.raises(ValueError, match="num"):
+        balanced_labels(0, 10)
+
+
+def test_model_fn_for_without_labels_is_the_null_class(conditional):
+    model, params, _ = conditional
+    x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    t = jnp.array([0, 5, 19])
+    out = model_fn_for(model, params, None)(x, t)
+    want = model.apply({"params": params}, x, t, cond={"label": jnp.full((3,), model.num_classes, jnp.int32)})
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    labelled = model_fn_for(model, params, jnp.array([1, 2, 3]))(x, t)
+    np.testing.assert_allclose(labelled, model.apply({"params": params}, x, t, cond={"label": jnp.array([1, 2, 3])}),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="guidance_weight"):
+        model_fn_for(model, params, None, 2.0)
+
+
+def test_generate_takes_a_cond_dict():
+    c = tiny_image_cond.get_config()
+    model = network.build_model(c)
+    params = network.init_params(model, (8, 8, 1), jax.random.key(0))
+    schedule = config_lib.make_schedule(c)
+    low = np.zeros((3, 8, 8, 1), np.float32)
+    x = generate(model, params, schedule, (8, 8, 1), 3, jax.random.key(0), cond={"image": low}, method="ddim", steps=2)
+    assert x.shape == (3, 8, 8, 1) and np.isfinite(x).all()
+    with pytest.raises(ValueError, match=r"cond\['image'\]"):
+        generate(model, params, schedule, (8, 8, 1), 3, jax.random.key(0), cond={"image": low[:, :4]}, method="ddim",
+                 steps=2)
+
+
+@pytest.fixture(scope="module")
+def cli_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(args, env):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow  # two CLI processes that compile a U-Net: ~45-60 s
+def test_image_conditioned_model_trains_and_samples_through_the_command_line(tmp_path, cli_env):
+    """configs/tiny_image_cond.py: cond["image"] made by the "downsample_image" transform in the
+    train step; launch.sample takes it from --cond_image (a low-resolution PNG, or an NPZ)."""
+    from PIL import Image
+
+    workdir = str(tmp_path / "sr")
+    r = _run(["launch.train", "--config", os.path.join(ROOT, "configs", "tiny_image_cond.py"), "--workdir", workdir,
+              "--config.train.num_steps=3"], cli_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(os.path.join(workdir, "samples.png"))
+    digits, _ = data_lib.load_digits("test")
+    low = np.asarray(jax.image.resize(jnp.asarray(digits[:2]), (2, 4, 4, 1), "bilinear"))
+    png = str(tmp_path / "low.png")
+    Image.fromarray(np.clip((low[0, ..., 0] + 1) * 127.5, 0, 255).astype(np.uint8)).save(png)
+    npz = str(tmp_path / "low.npz")
+    np.savez(npz, image=np.clip(low, -1, 1))
+    for cond_image, out in [(png, tmp_path / "a.npz"), (npz, tmp_path / "b.npz")]:
+        r = _run(["launch.sample", "--workdir", workdir, "--num", "2", "--out", str(out), "--cond_image", cond_image],
+                 cli_env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        samples = np.load(out)["samples"]
+        assert samples.shape == (2, 8, 8, 1) and np.isfinite(samples).all()
+    r = _run(["launch.sample", "--workdir", workdir, "--num", "2", "--out", str(tmp_path / "c.png")], cli_env)
+    assert r.returncode != 0 and "--cond_image" in r.stderr
+    assert not os.path.exists(tmp_path / "c.png")
