@@ -3,6 +3,15 @@
 python -m launch.sample --workdir workdirs/digits --num 64 --out samples.png
 python -m launch.sample --workdir workdirs/digits --num 64 --out samples.npz --label 3 --guidance 2.0
 python -m launch.sample --workdir workdirs/tiny_sr --num 4 --out sr.png --cond_image low_res.png
+python -m launch.sample --workdir workdirs/digits --num 16 --out edit.png --sdedit guide.png --t0 400
+python -m launch.sample --workdir workdirs/digits --num 16 --out fill.png --repaint img.png --mask mask.png
+
+Editing (jdiff.editing, one device): --sdedit GUIDE --t0 N noises the guide to timestep N and
+denoises it with --method / --steps (default: the config's sampler at its density of steps);
+--repaint IMG --mask MASK keeps the mask's white (1) pixels and fills the rest with RePaint's
+resampling (--jump_length, --jump_n_sample; --steps reverse steps). Images must have the
+model's size; a wrong size, a t0 outside [0, T) or a non-binary mask is an error before
+anything is loaded.
 
 --out FILE.png writes a grid; FILE.npz writes the raw float32 array "samples" [N, H, W, C] in
 [-1, 1] (and "labels" for conditional models). Uses the EMA params of the newest checkpoint.
@@ -24,6 +33,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU. Logging as launch.t
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -44,6 +54,15 @@ _NULL_LABEL = flags.DEFINE_bool("null_label", False, "Sample the null class of a
                                 "(unconditional samples) instead of class-balanced labels.")
 _COND_IMAGE = flags.DEFINE_string("cond_image", None, "cond['image'] of an image-conditioned model: a .png, or a .npz "
                                   "with 'image' [H, W, C] or [N, H, W, C] in [-1, 1].")
+_SDEDIT = flags.DEFINE_string("sdedit", None, "SDEdit (Meng et al. 2022): a guide image .png or .npz ('image' "
+                              "[H, W, C] or [N, H, W, C] in [-1, 1]) noised to --t0, then denoised.")
+_T0 = flags.DEFINE_integer("t0", None, "SDEdit's starting timestep in [0, T) (0-indexed): small stays faithful, large realistic.")
+_REPAINT = flags.DEFINE_string("repaint", None, "RePaint (Lugmayr et al. 2022): the image (.png or .npz) whose --mask "
+                               "pixels are kept; the rest is filled.")
+_MASK = flags.DEFINE_string("mask", None, "RePaint's mask (.png: white = known; .npz 'image' of 0/1), [H, W] or "
+                            "[H, W, 1] or [N, H, W, 1].")
+_JUMP_LENGTH = flags.DEFINE_integer("jump_length", 10, "RePaint's jump length j.")
+_JUMP_N_SAMPLE = flags.DEFINE_integer("jump_n_sample", 10, "RePaint's resampling count r (1: plain replacement).")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w >= 0.")
 _METHOD = flags.DEFINE_string("method", None, "A registered sampler: ddpm | ddim | euler_maruyama | ode | dpm_solver++ "
                               "(default: config).")
@@ -57,11 +76,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes) (default: JAX_PROCESS_ID).")
 
 
-def load_cond_image(path: str, num: int, channels: int) -> np.ndarray:
-    """``--cond_image`` as [1 or num, h, w, channels] float32 in [-1, 1] (NumPy only, so it runs
-    before jax.distributed is initialised)."""
+def load_cond_image(path: str, num: int, channels: int, flag: str = "--cond_image") -> np.ndarray:
+    """``--cond_image`` (or another image ``flag``) as [1 or num, h, w, channels] float32 in
+    [-1, 1] (NumPy only, so it runs before jax.distributed is initialised)."""
     if not os.path.exists(path):
-        raise app.UsageError(f"--cond_image: {path!r} does not exist")
+        raise app.UsageError(f"{flag}: {path!r} does not exist")
     if path.endswith(".png"):
         from PIL import Image
 
@@ -76,16 +95,16 @@ def load_cond_image(path: str, num: int, channels: int) -> np.ndarray:
             elif len(npz.files) == 1:
                 x = npz[npz.files[0]]
             else:
-                raise app.UsageError(f"--cond_image: {path!r} holds {npz.files}; expected an array named 'image'")
+                raise app.UsageError(f"{flag}: {path!r} holds {npz.files}; expected an array named 'image'")
         x = np.asarray(x, np.float32)
         if not np.all(np.isfinite(x)) or x.min() < -1 or x.max() > 1:
-            raise app.UsageError(f"--cond_image: expected finite values in [-1, 1], got range [{x.min()}, {x.max()}]")
+            raise app.UsageError(f"{flag}: expected finite values in [-1, 1], got range [{x.min()}, {x.max()}]")
     else:
-        raise app.UsageError(f"--cond_image: expected a .png or .npz path, got {path!r}")
+        raise app.UsageError(f"{flag}: expected a .png or .npz path, got {path!r}")
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[0] not in (1, num) or x.shape[-1] != channels:
-        raise app.UsageError(f"--cond_image: expected [H, W, {channels}] or [1 or {num}, H, W, {channels}] "
+        raise app.UsageError(f"{flag}: expected [H, W, {channels}] or [1 or {num}, H, W, {channels}] "
                              f"(config.model.image_channels={channels}, --num={num}), got shape {x.shape}")
     return x.astype(np.float32)
 
@@ -97,6 +116,73 @@ def resize_cond_image(x: np.ndarray, num: int, image_shape: tuple) -> np.ndarray
     if x.shape[1:3] != (h, w):
         x = np.asarray(jax.image.resize(x, (x.shape[0], h, w, x.shape[-1]), "bilinear"))
     return np.broadcast_to(x, (num, h, w, x.shape[-1])).astype(np.float32)
+
+
+def _image_shape(cfg) -> tuple:
+    from jdiff import data as data_lib
+
+    return tuple(data_lib.get_dataset(cfg.data).image_shape)
+
+
+def _check_edit_flags(cfg, model):
+    """The --sdedit / --repaint request, checked against the workdir's config before anything is
+    loaded or compiled: (kind, image [num, H, W, C], t0 or mask [num or 1, H, W, 1])."""
+    if _SDEDIT.value and _REPAINT.value:
+        raise app.UsageError("--sdedit, --repaint: expected at most one of them")
+    if _T0.value is not None and not _SDEDIT.value:
+        raise app.UsageError("--t0: only with --sdedit")
+    if _MASK.value and not _REPAINT.value:
+        raise app.UsageError("--mask: only with --repaint")
+    if not (_SDEDIT.value or _REPAINT.value):
+        return None
+    if cfg.diffusion.get("process", "vp") != "vp":
+        raise app.UsageError(f"--sdedit/--repaint: expected a model on the discrete schedule (diffusion.process='vp'), "
+                             f"got process={cfg.diffusion.process!r}")
+    shape = _image_shape(cfg)
+    flag, path = ("--sdedit", _SDEDIT.value) if _SDEDIT.value else ("--repaint", _REPAINT.value)
+    image = load_cond_image(path, _NUM.value, shape[-1], flag)
+    if image.shape[1:3] != shape[:2]:
+        raise app.UsageError(f"{flag}: expected an image of the model's size {shape[0]}x{shape[1]}, got {image.shape[1]}x{image.shape[2]}")
+    image = np.broadcast_to(image, (_NUM.value,) + image.shape[1:]).astype(np.float32)
+    if _SDEDIT.value:
+        T = int(cfg.diffusion.num_timesteps)
+        if _T0.value is None or not 0 <= _T0.value < T:
+            raise app.UsageError(f"--t0: expected a timestep in [0, {T}) (0-indexed) with --sdedit, got {_T0.value}")
+        return "sdedit", image, _T0.value
+    if not _MASK.value:
+        raise app.UsageError("--mask: --repaint needs a mask (white / 1 = known)")
+    mask = load_cond_image(_MASK.value, _NUM.value, 1, "--mask") if not _MASK.value.endswith(".png") else None
+    if mask is None:
+        from PIL import Image
+
+        with Image.open(_MASK.value) as im:
+            mask = (np.asarray(im.convert("L"), np.float32) > 127).astype(np.float32)[None, ..., None]
+    if mask.shape[1:3] != shape[:2] or not np.all((mask == 0) | (mask == 1)):
+        raise app.UsageError(f"--mask: expected a 0/1 mask of the model's size {shape[0]}x{shape[1]}, got shape "
+                             f"{mask.shape[1:3]} with values {np.unique(mask)[:4]}")
+    if _JUMP_LENGTH.value < 1 or _JUMP_N_SAMPLE.value < 1:
+        raise app.UsageError(f"--jump_length, --jump_n_sample: expected positive ints, got {_JUMP_LENGTH.value}, "
+                             f"{_JUMP_N_SAMPLE.value}")
+    return "repaint", image, mask
+
+
+def _run_edit(edit, loaded, labels, cond, g, method, steps, eta, cfg) -> np.ndarray:
+    """SDEdit or RePaint on the whole batch (one device): jdiff.editing with the workdir's model."""
+    from jdiff import editing
+    from jdiff.inference import model_fn_for
+
+    kind, image, extra = edit
+    fn = model_fn_for(loaded.model, loaded.params, None if labels is None else np.asarray(labels, np.int32), g,
+                      cond={k: jnp.asarray(v) for k, v in cond.items()} or None)
+    kw = dict(parameterization=cfg.diffusion.parameterization, clip=cfg.sample.clip or None)
+    if kind == "sdedit":
+        x = editing.sdedit(fn, loaded.schedule, image, extra, jax.random.key(_SEED.value), method=method, steps=steps,
+                           **({"eta": eta} if eta is not None else {}), variance=cfg.diffusion.variance, **kw)
+    else:
+        x = editing.repaint(fn, loaded.schedule, image, extra, jax.random.key(_SEED.value), steps=steps,
+                            jump_length=_JUMP_LENGTH.value, jump_n_sample=_JUMP_N_SAMPLE.value,
+                            method=method if _METHOD.value else "ddpm", variance=cfg.diffusion.variance, **kw)
+    return np.clip(np.asarray(x), -1.0, 1.0)
 
 
 def main(argv):
@@ -142,20 +228,29 @@ def main(argv):
     if _COND_IMAGE.value and not image_channels:
         raise app.UsageError("--cond_image: this model takes no image conditioning (config.model.image_channels=0)")
     cond_image = load_cond_image(_COND_IMAGE.value, _NUM.value, image_channels) if image_channels else None
+    edit = _check_edit_flags(cfg, model)
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     mesh = parallel.make_mesh()
     loaded = load_for_sampling(_WORKDIR.value, mesh)
     model = loaded.model
     cond = {} if cond_image is None else {"image": resize_cond_image(cond_image, _NUM.value, loaded.image_shape)}
     s = cfg.sample
-    x = generate(
+    method = _METHOD.value or s.method
+    steps = _STEPS.value if _STEPS.value is not None else s.steps
+    eta = _ETA.value if _ETA.value is not None else s.eta
+    if edit is not None:
+        if edit[0] == "sdedit" and _STEPS.value is None and steps is not None:
+            # The config's density of steps, over the part of the chain SDEdit runs.
+            steps = max(1, round(steps * (edit[2] + 1) / cfg.diffusion.num_timesteps))
+        x = _run_edit(edit, loaded, labels, cond, g, method, steps, eta, cfg)
+    else:
+        x = generate(
         model, loaded.params, loaded.schedule, loaded.image_shape, _NUM.value, jax.random.key(_SEED.value),
-        labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
-        method=_METHOD.value or s.method, steps=_STEPS.value if _STEPS.value is not None else s.steps,
-        eta=_ETA.value if _ETA.value is not None else s.eta, clip=s.clip or None,
-        variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
-        sigma_data=config_lib.sigma_data_of(cfg),
-    )
+            labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
+            method=method, steps=steps, eta=eta, clip=s.clip or None,
+            variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
+            sigma_data=config_lib.sigma_data_of(cfg),
+        )
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

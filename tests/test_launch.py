@@ -104,3 +104,37 @@ def test_image_conditioned_model_trains_and_samples_through_the_command_line(tmp
     r = _run(["launch.sample", "--workdir", workdir, "--num", "2", "--out", str(tmp_path / "c.png")], cli_env)
     assert r.returncode != 0 and "--cond_image" in r.stderr
     assert not os.path.exists(tmp_path / "c.png")
+
+
+@pytest.mark.slow  # a tiny training run and four launch.sample processes
+def test_sdedit_and_repaint_from_the_command_line(tmp_path, cli_env):
+    """launch.sample --sdedit GUIDE --t0 N and --repaint IMG --mask MASK: PNG in, grid / npz out;
+    the known pixels of a RePaint come back exactly; bad t0, mask or image size fail before sampling."""
+    from PIL import Image
+
+    workdir = str(tmp_path / "tiny")
+    r = _run(["launch.train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", workdir,
+              "--config.train.num_steps=2"], cli_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    guide = (np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)
+    Image.fromarray(guide).save(tmp_path / "guide.png")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[:, :4] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    Image.fromarray(guide[:4, :4]).save(tmp_path / "small.png")
+    r = _run(["launch.sample", "--workdir", workdir, "--num", "4", "--sdedit", str(tmp_path / "guide.png"), "--t0", "10",
+              "--out", str(tmp_path / "sd.npz")], cli_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.load(tmp_path / "sd.npz")["samples"].shape == (4, 8, 8, 1)
+    r = _run(["launch.sample", "--workdir", workdir, "--num", "4", "--repaint", str(tmp_path / "guide.png"), "--mask",
+              str(tmp_path / "mask.png"), "--steps", "10", "--jump_length", "3", "--jump_n_sample", "2",
+              "--out", str(tmp_path / "rp.npz")], cli_env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    x = np.load(tmp_path / "rp.npz")["samples"]
+    np.testing.assert_array_equal(x[:, :, :4, 0], np.broadcast_to(guide[:, :4].astype(np.float32) / 127.5 - 1.0, (4, 8, 4)))
+    for args, msg in [(["--sdedit", str(tmp_path / "guide.png"), "--t0", "20"], "--t0"),
+                      (["--sdedit", str(tmp_path / "small.png"), "--t0", "5"], "--sdedit: expected an image of the model's size"),
+                      (["--repaint", str(tmp_path / "guide.png"), "--mask", str(tmp_path / "small.png")], "--mask")]:
+        r = _run(["launch.sample", "--workdir", workdir, "--num", "4", *args, "--out", str(tmp_path / "bad.png")], cli_env)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "bad.png")

@@ -19,34 +19,29 @@ Usage, from the repository root (takes about a minute on one CPU core):
 from __future__ import annotations
 
 import argparse
-import functools
 import pathlib
-import time
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jdiff import metrics
 from jdiff.data import load_digits
 from jdiff.evaluation.digits_classifier import DigitsClassifier, digits_features, save_digits_classifier
+
+if str(pathlib.Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path (the tests)
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from _classifier_training import check_int_args, random_noise, random_shift, train_classifier  # noqa: E402
 
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parents[1] / "jdiff" / "evaluation" / "digits_classifier.npz"
 
 
 def augment(key: jax.Array, images: jax.Array, max_shift: int, max_noise_std: float) -> jax.Array:
     """Random integer shifts in [-max_shift, max_shift]^2 and Gaussian noise; images [B, 8, 8, 1]."""
-    b, h, w, c = images.shape
     shift_key, std_key, noise_key = jax.random.split(key, 3)
-    if max_shift > 0:
-        padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), constant_values=-1.0)
-        offsets = jax.random.randint(shift_key, (b, 2), 0, 2 * max_shift + 1)
-        images = jax.vmap(lambda x, o: jax.lax.dynamic_slice(x, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
-    if max_noise_std > 0:
-        std = jax.random.uniform(std_key, (b, 1, 1, 1), maxval=max_noise_std)
-        images = jnp.clip(images + std * jax.random.normal(noise_key, images.shape), -1.0, 1.0)
-    return images
+    images = random_shift(shift_key, images, max_shift)
+    return random_noise(std_key, noise_key, images, max_noise_std)
 
 
 def train_digits_classifier(
@@ -69,9 +64,7 @@ def train_digits_classifier(
     inference module, dropout off); ``test_accuracy`` is measured on the 300-image test split.
     """
     int_args = {"num_steps": (num_steps, 1), "batch_size": (batch_size, 1), "warmup_steps": (warmup_steps, 0), "max_shift": (max_shift, 0)}
-    for name, (value, low) in int_args.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    check_int_args(int_args)
     for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay), ("max_noise_std", max_noise_std)):
         if not float(value) >= 0.0:
             raise ValueError(f"{name}: expected a non-negative float, got {value!r}")
@@ -82,37 +75,19 @@ def train_digits_classifier(
         raise ValueError(f"batch_size: expected at most the {train_images.shape[0]} training images, got {batch_size}")
     images = jnp.asarray(train_images)
     labels = jnp.asarray(train_labels)
-    n = images.shape[0]
-    steps_per_epoch = n // batch_size
-
-    model = DigitsClassifier(dropout_rate=dropout_rate)
-    init_key, data_key, step_key = jax.random.split(jax.random.key(seed), 3)
-    params = model.init(init_key, images[:1])
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, num_steps)
-    optimizer = optax.adamw(schedule, weight_decay=weight_decay)
-    opt_state = optimizer.init(params)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, step):
-        epoch, position = jnp.divmod(step, steps_per_epoch)
-        order = jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
-        idx = jax.lax.dynamic_slice(order, (position * batch_size,), (batch_size,))
-        aug_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, step))
-        x = augment(aug_key, images[idx], max_shift, max_noise_std)
-
-        def loss_fn(p):
-            _, logits = model.apply(p, x, train=True, rngs={"dropout": dropout_key})
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    start = time.time()
-    for step in range(num_steps):
-        params, opt_state, loss = train_step(params, opt_state, jnp.asarray(step, jnp.int32))
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{num_steps}  loss {float(loss):.4f}  {time.time() - start:.1f}s", flush=True)
+    params = train_classifier(
+        DigitsClassifier(dropout_rate=dropout_rate),
+        images,
+        labels,
+        lambda key, x: augment(key, x, max_shift, max_noise_std),
+        num_steps=num_steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        seed=seed,
+        log_every=log_every,
+    )
 
     test_images, test_labels = load_digits("test")
     _, logits = digits_features(test_images, module=DigitsClassifier(), params=params)

@@ -2,7 +2,8 @@
 
 :mod:`~jdiff.evaluation.digits_classifier` and :mod:`~jdiff.evaluation.fashion_mnist_classifier`
 hold the small CNNs trained on the digits and Fashion-MNIST train splits whose penultimate
-features and logits stand in for Inception-v3's;
+features and logits stand in for Inception-v3's (their shared file format, checks and
+batching in :mod:`~jdiff.evaluation.feature_network`);
 :mod:`~jdiff.evaluation.sample_metrics` turns samples into FID, Inception Score,
 precision/recall, class accuracy and a pixel-space diversity number, using
 :mod:`jdiff.metrics` for the formulas. :mod:`~jdiff.evaluation.evaluators` is the registry the

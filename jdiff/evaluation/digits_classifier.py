@@ -25,17 +25,16 @@ file holds one float32 array per parameter under its '/'-joined path
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
+
+from jdiff.evaluation import feature_network
+from jdiff.evaluation.feature_network import flatten_params, unflatten_params
 
 __all__ = [
     "DigitsClassifier",
@@ -54,11 +53,9 @@ __all__ = [
 DIGITS_CLASSIFIER_FILE = "digits_classifier.npz"
 DIGITS_FEATURE_DIM = 64
 DIGITS_IMAGE_SHAPE = (8, 8, 1)
-_METADATA_KEYS = ("test_accuracy", "seed", "num_steps")
-_PARAM_ROOT = "params"
 
 
-class DigitsClassifier(nn.Module):
+class DigitsClassifier(feature_network.SmallCNN):
     """CNN classifier for 8x8x1 digits returning ``(features [B, D], logits [B, K])``.
 
     Fields: ``conv_channels`` (widths of the three 3x3 convolutions), ``feature_dim`` (D,
@@ -71,20 +68,6 @@ class DigitsClassifier(nn.Module):
 
     conv_channels: Sequence[int] = (16, 32, 64)
     feature_dim: int = DIGITS_FEATURE_DIM
-    num_classes: int = 10
-    dropout_rate: float = 0.0
-
-    def __post_init__(self):
-        channels = tuple(self.conv_channels)
-        if len(channels) != 3 or not all(isinstance(c, (int, np.integer)) and c >= 1 for c in channels):
-            raise ValueError(f"conv_channels: expected three positive ints, got {self.conv_channels!r}")
-        for name in ("feature_dim", "num_classes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise ValueError(f"dropout_rate: expected a float in [0, 1), got {self.dropout_rate!r}")
-        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -95,25 +78,10 @@ class DigitsClassifier(nn.Module):
         # which FID between blurry samples and real digits relies on.
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = nn.relu(nn.Conv(c3, (3, 3), padding="SAME", name="conv3")(x))
-        x = x.reshape((x.shape[0], -1))
-        features = nn.relu(nn.Dense(self.feature_dim, name="embed")(x))
-        h = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
-        logits = nn.Dense(self.num_classes, name="head")(h)
-        return features, logits
+        return feature_network.classifier_head(x, self.feature_dim, self.num_classes, self.dropout_rate, train)
 
 
 # --------------------------------------------------------------------------- (de)serialisation
-
-
-def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Flax variables ``{'params': {...}}`` -> ``{'params/conv1/kernel': array, ...}`` (NumPy)."""
-    flat = traverse_util.flatten_dict(dict(params), sep="/")
-    return {key: np.asarray(value) for key, value in flat.items()}
-
-
-def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_params`; values become ``jnp`` arrays."""
-    return traverse_util.unflatten_dict({key: jnp.asarray(value) for key, value in flat.items()}, sep="/")
 
 
 def save_digits_classifier(
@@ -127,38 +95,10 @@ def save_digits_classifier(
       test_accuracy: accuracy on the 300-image digits test split, in [0, 1].
       seed, num_steps: how the weights were trained (``tools/train_digits_classifier.py``).
     """
-    flat = flatten_params(params)
-    _check_param_tree(flat, "params")
-    if not 0.0 <= float(test_accuracy) <= 1.0:
-        raise ValueError(f"test_accuracy: expected a fraction in [0, 1], got {test_accuracy!r}")
-    arrays = {key: value.astype(np.float32) for key, value in flat.items()}
-    arrays.update(test_accuracy=np.float64(test_accuracy), seed=np.int64(seed), num_steps=np.int64(num_steps))
-    with open(path, "wb") as f:
-        np.savez_compressed(f, **arrays)
-
-
-def _expected_shapes() -> dict[str, tuple[int, ...]]:
-    shapes = jax.eval_shape(DigitsClassifier().init, jax.random.key(0), jnp.zeros((1, *DIGITS_IMAGE_SHAPE), jnp.float32))
-    return {key: tuple(value.shape) for key, value in traverse_util.flatten_dict(shapes, sep="/").items()}
-
-
-def _check_param_tree(flat: Mapping[str, Any], name: str) -> None:
-    expected = _expected_shapes()
-    got = {key: tuple(np.shape(value)) for key, value in flat.items()}
-    if got != expected:
-        missing = sorted(set(expected) - set(got))
-        extra = sorted(set(got) - set(expected))
-        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
-        raise ValueError(
-            f"{name}: expected the parameters of DigitsClassifier() {expected}; "
-            f"missing {missing}, unexpected {extra}, wrong shapes {[(k, got[k]) for k in wrong]}"
-        )
-
-
-def _open(path: str | os.PathLike | None):
-    if path is None:
-        return importlib.resources.files("jdiff.evaluation").joinpath(DIGITS_CLASSIFIER_FILE).open("rb")
-    return open(path, "rb")
+    feature_network.save_classifier(
+        path, params, test_accuracy=test_accuracy, seed=seed, num_steps=num_steps,
+        module_cls=DigitsClassifier, image_shape=DIGITS_IMAGE_SHAPE,
+    )
 
 
 def load_digits_classifier(path: str | os.PathLike | None = None) -> tuple[DigitsClassifier, dict[str, Any]]:
@@ -169,21 +109,14 @@ def load_digits_classifier(path: str | os.PathLike | None = None) -> tuple[Digit
     The file is read without pickle, and its parameter names and shapes are checked against
     :class:`DigitsClassifier`.
     """
-    with _open(path) as f, np.load(f, allow_pickle=False) as npz:
-        flat = {key: npz[key] for key in npz.files if key.startswith(_PARAM_ROOT + "/")}
-    _check_param_tree(flat, f"path ({path or DIGITS_CLASSIFIER_FILE})")
-    return DigitsClassifier(), unflatten_params(flat)
+    return feature_network.load_classifier(
+        path, module_cls=DigitsClassifier, image_shape=DIGITS_IMAGE_SHAPE, file_name=DIGITS_CLASSIFIER_FILE
+    )
 
 
 def load_digits_classifier_metadata(path: str | os.PathLike | None = None) -> dict[str, float | int]:
     """The training record stored with the weights: ``test_accuracy``, ``seed``, ``num_steps``."""
-    with _open(path) as f, np.load(f, allow_pickle=False) as npz:
-        missing = [key for key in _METADATA_KEYS if key not in npz.files]
-        if missing:
-            raise ValueError(
-                f"path ({path or DIGITS_CLASSIFIER_FILE}): expected metadata keys {_METADATA_KEYS}, missing {missing}"
-            )
-        return {key: npz[key].item() for key in _METADATA_KEYS}
+    return feature_network.load_classifier_metadata(path, file_name=DIGITS_CLASSIFIER_FILE)
 
 
 # --------------------------------------------------------------------------- features
@@ -196,37 +129,14 @@ def validate_digit_images(name: str, images: Any, min_count: int = 1) -> np.ndar
     overshoot [-1, 1] slightly; clip them first (``jnp.clip(x, -1, 1)``), as one does when
     writing them out as images.
     """
-    if isinstance(images, jax.core.Tracer):
-        raise ValueError(f"{name}: expected a concrete array (evaluation runs outside jit), got a traced value")
-    dtype = images.dtype if hasattr(images, "dtype") else np.asarray(images).dtype
-    if not np.issubdtype(dtype, np.floating):
-        raise ValueError(f"{name}: expected a float array in [-1, 1], got dtype {dtype}")
-    array = np.asarray(images)
-    if array.ndim != 4 or array.shape[1:] != DIGITS_IMAGE_SHAPE or array.shape[0] < min_count:
-        raise ValueError(f"{name}: expected shape [N, 8, 8, 1] with N >= {min_count}, got {array.shape}")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name}: expected finite values, got {int(np.sum(~np.isfinite(array)))} non-finite entries")
-    lo, hi = float(array.min()), float(array.max())
-    if lo < -1.0 or hi > 1.0:
-        raise ValueError(f"{name}: expected values in [-1, 1] (clip samples first), got range [{lo:.4g}, {hi:.4g}]")
-    return array.astype(np.float32)
+    return feature_network.validate_images(name, images, DIGITS_IMAGE_SHAPE, min_count)
 
 
 def resolve_digits_classifier(
     module: DigitsClassifier | None, params: Mapping[str, Any] | None
 ) -> tuple[DigitsClassifier, Mapping[str, Any]]:
     """``(module, params)`` as given, or the shipped classifier when both are None."""
-    if (module is None) != (params is None):
-        given = "None" if params is None else "given"
-        raise ValueError(f"module, params: expected both or neither, got module={module!r} and params {given}")
-    if module is None:
-        return load_digits_classifier()
-    return module, params
-
-
-@functools.partial(jax.jit, static_argnames="module")
-def _apply(module: DigitsClassifier, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return module.apply(params, images)
+    return feature_network.resolve_classifier(module, params, load_digits_classifier)
 
 
 def digits_features(
@@ -250,13 +160,6 @@ def digits_features(
       ``features`` float32 [N, 64] (penultimate ReLU layer, the "pool3" of FID) and
       ``logits`` float32 [N, 10].
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    array = validate_digit_images("images", images)
-    module, params = resolve_digits_classifier(module, params)
-    n = array.shape[0]
-    padded = np.concatenate([array, np.zeros((-n % batch_size, *DIGITS_IMAGE_SHAPE), np.float32)])
-    outputs = [_apply(module, params, padded[i : i + batch_size]) for i in range(0, padded.shape[0], batch_size)]
-    features = jnp.concatenate([f for f, _ in outputs])[:n]
-    logits = jnp.concatenate([l for _, l in outputs])[:n]
-    return features, logits
+    return feature_network.batched_features(
+        images, batch_size, module, params, image_shape=DIGITS_IMAGE_SHAPE, resolve=resolve_digits_classifier
+    )
