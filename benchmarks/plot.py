@@ -10,8 +10,9 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 
 def line_chart(path: str, series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-               log_x: bool = True, size: tuple[int, int] = (720, 480)) -> str:
-    """Draw ``series`` (name -> [(x, y), ...]) and save to ``path``."""
+               log_x: bool = True, size: tuple[int, int] = (720, 480), y_max: float | None = None) -> str:
+    """Draw ``series`` (name -> [(x, y), ...]) and save to ``path``; values above ``y_max`` are
+    drawn at the top edge (open circles)."""
     w, h = size
     left, right, top, bottom = 70, 170, 40, 60
     img = Image.new("RGB", size, "white")
@@ -20,6 +21,9 @@ def line_chart(path: str, series: dict[str, list[tuple[float, float]]], *, title
     fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)  # noqa: E731
     x0, x1 = min(fx(p[0]) for p in pts), max(fx(p[0]) for p in pts)
     y0, y1 = 0.0, max(p[1] for p in pts) * 1.05
+    if y_max is not None and y_max < y1:
+        y1 = y_max
+        series = {k: [(a, min(b, y_max)) for a, b in s] for k, s in series.items()}
     X = lambda v: left + (fx(v) - x0) / max(x1 - x0, 1e-9) * (w - left - right)  # noqa: E731
     Y = lambda v: h - bottom - (v - y0) / max(y1 - y0, 1e-9) * (h - top - bottom)  # noqa: E731
     d.rectangle([left, top, w - right, h - bottom], outline="black")

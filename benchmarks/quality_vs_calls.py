@@ -39,12 +39,26 @@ def calls(method: str, steps: int) -> int:
     return 2 * steps - 1 if method == "heun" else steps
 
 
+def _plot(path, series):
+    line_chart(path, series, title="digits: FID (500 samples) vs network calls (clipped at 30)", xlabel="network calls",
+               ylabel="FID", y_max=30.0)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--num", type=int, default=500)
     ap.add_argument("--out", default="docs/quality_vs_calls.png")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot_only", default=None, help="Redraw the plot from a --json file of an earlier run.")
     args = ap.parse_args()
+    if args.plot_only:
+        with open(args.plot_only) as f:
+            rows = json.load(f)
+        series = {}
+        for r in rows:
+            series.setdefault(r["sampler"], []).append((r["calls"], r["fid"]))
+        _plot(args.out, series)
+        return
     loaded = {}
     rows, series_fid = [], {}
     for label, workdir, method, steps_for in RUNS:
@@ -64,7 +78,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['sampler']} | {r['calls']} | {r['fid']:.2f} | {100 * r['class_accuracy']:.1f}% | {r['precision']:.2f} | {r['recall']:.2f} |")
-    line_chart(args.out, series_fid, title="digits: FID (500 samples) vs network calls", xlabel="network calls", ylabel="FID")
+    _plot(args.out, series_fid)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

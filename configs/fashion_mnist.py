@@ -1,4 +1,4 @@
-"""Class-conditional DDPM on Fashion-MNIST 28x28 with classifier-free guidance, ~40 minutes on 2 CPU cores.
+"""Class-conditional DDPM on Fashion-MNIST 28x28 with classifier-free guidance, ~25-30 minutes on 2 CPU cores.
 
 python -m launch.train --config configs/fashion_mnist.py --workdir workdirs/fashion_mnist
 python -m launch.train --config configs/fashion_mnist.py:small --workdir /tmp/w   # the test-sized variant
@@ -11,7 +11,8 @@ label) and with guidance (python -m launch.sample ... --label 3 --guidance 1).
 Sized by measurement, on 2 shared CPU cores where digits8's forward+backward (the
 `fwd_bwd` case of `python -m benchmarks.training --nets digits8`) took 184 ms: the train step
 of this config ran at 0.85 s (1.16-1.19 steps/s in metrics.jsonl after compilation), so
-2,400 steps are ~35 minutes, plus ~5 minutes for the 100-image grid and 1,000 eval samples.
+1,600 steps (0.85 epochs) are ~23 minutes, plus ~5 minutes for the 100-image grid and 1,000
+eval samples.
 """
 
 from jdiff.train.config import base_config
@@ -41,7 +42,7 @@ def get_config(arg=None):
     c.optim.ema_decay = 0.999
     c.optim.ema_warmup = True
 
-    c.train.num_steps = 2400  # 0.85 s per step on 2 CPU cores: ~35 minutes, 1.3 epochs
+    c.train.num_steps = 1600  # 0.85 s per step on 2 CPU cores: ~23 minutes, 0.85 epochs
     c.train.log_every = 100
     c.train.checkpoint_every = 400
     c.train.sample_every = 1200
