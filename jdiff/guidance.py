@@ -403,10 +403,10 @@ def _schedule_index(schedule, t: jax.Array) -> jax.Array:
 
 def _alpha_sigma(schedule, t, x):
     alpha, sigma = schedule.alpha_sigma(_schedule_index(schedule, t))
-    return extract_like(alpha, x), extract_like(sigma, x)
+    return _bcast(alpha, x), _bcast(sigma, x)
 
 
-def extract_like(a: jax.Array, x: jax.Array) -> jax.Array:
+def _bcast(a: jax.Array, x: jax.Array) -> jax.Array:
     a = jnp.asarray(a)
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 

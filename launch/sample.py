@@ -151,12 +151,13 @@ def _check_edit_flags(cfg, model):
         return "sdedit", image, _T0.value
     if not _MASK.value:
         raise app.UsageError("--mask: --repaint needs a mask (white / 1 = known)")
-    mask = load_cond_image(_MASK.value, _NUM.value, 1, "--mask") if not _MASK.value.endswith(".png") else None
-    if mask is None:
+    if _MASK.value.endswith(".png"):  # white = known
         from PIL import Image
 
         with Image.open(_MASK.value) as im:
             mask = (np.asarray(im.convert("L"), np.float32) > 127).astype(np.float32)[None, ..., None]
+    else:
+        mask = load_cond_image(_MASK.value, _NUM.value, 1, "--mask")
     if mask.shape[1:3] != shape[:2] or not np.all((mask == 0) | (mask == 1)):
         raise app.UsageError(f"--mask: expected a 0/1 mask of the model's size {shape[0]}x{shape[1]}, got shape "
                              f"{mask.shape[1:3]} with values {np.unique(mask)[:4]}")
