@@ -10,9 +10,11 @@ COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 10
 
 
 def line_chart(path: str, series: dict[str, list[tuple[float, float]]], *, title: str, xlabel: str, ylabel: str,
-               log_x: bool = True, size: tuple[int, int] = (720, 480), y_max: float | None = None) -> str:
+               log_x: bool = True, size: tuple[int, int] = (720, 480), y_max: float | None = None,
+               xticks: list[float] | None = None, labels: dict[str, list[str]] | None = None) -> str:
     """Draw ``series`` (name -> [(x, y), ...]) and save to ``path``; values above ``y_max`` are
-    drawn at the top edge (open circles)."""
+    drawn at the top edge (open circles). ``xticks`` (default: every x value); ``labels``
+    (name -> one text per point, in the order given) are written beside the points."""
     w, h = size
     left, right, top, bottom = 70, 170, 40, 60
     img = Image.new("RGB", size, "white")
@@ -27,7 +29,7 @@ def line_chart(path: str, series: dict[str, list[tuple[float, float]]], *, title
     X = lambda v: left + (fx(v) - x0) / max(x1 - x0, 1e-9) * (w - left - right)  # noqa: E731
     Y = lambda v: h - bottom - (v - y0) / max(y1 - y0, 1e-9) * (h - top - bottom)  # noqa: E731
     d.rectangle([left, top, w - right, h - bottom], outline="black")
-    xticks = sorted({p[0] for p in pts})
+    xticks = sorted({p[0] for p in pts}) if xticks is None else list(xticks)
     for xv in xticks:
         d.line([X(xv), h - bottom, X(xv), h - bottom + 5], fill="black")
         d.text((X(xv) - 8, h - bottom + 8), f"{xv:g}", fill="black")
@@ -40,6 +42,9 @@ def line_chart(path: str, series: dict[str, list[tuple[float, float]]], *, title
     d.text((5, top - 20), ylabel, fill="black")
     for k, (name, s) in enumerate(series.items()):
         c = COLORS[k % len(COLORS)]
+        for (a, b), text in zip(s, (labels or {}).get(name, [])):
+            if math.isfinite(b):
+                d.text((X(a) + 4, Y(b) - 12), text, fill=c)
         s = sorted(p for p in s if math.isfinite(p[1]))
         d.line([(X(a), Y(b)) for a, b in s], fill=c, width=2)
         for a, b in s:

@@ -1,4 +1,4 @@
-"""Class-conditional DDPM on Fashion-MNIST 28x28 with classifier-free guidance, ~25-30 minutes on 2 CPU cores.
+"""Class-conditional DDPM on Fashion-MNIST 28x28 with classifier-free guidance, ~1 hour on 2 CPU cores.
 
 python -m launch.train --config configs/fashion_mnist.py --workdir workdirs/fashion_mnist
 python -m launch.train --config configs/fashion_mnist.py:small --workdir /tmp/w   # the test-sized variant
@@ -10,9 +10,10 @@ label) and with guidance (python -m launch.sample ... --label 3 --guidance 1).
 
 Sized by measurement, on 2 shared CPU cores where digits8's forward+backward (the
 `fwd_bwd` case of `python -m benchmarks.training --nets digits8`) took 184 ms: the train step
-of this config ran at 0.85 s (1.16-1.19 steps/s in metrics.jsonl after compilation), so
-1,600 steps (0.85 epochs) are ~23 minutes, plus ~5 minutes for the 100-image grid and 1,000
-eval samples.
+of this config ran at 0.7-1.0 s (1.0-1.4 steps/s in metrics.jsonl after compilation), so the
+4,000 steps (2.1 epochs) took ~61 minutes (23 for the first 1,600, 38 for the resumed rest while
+other jobs shared the cores), plus ~5 minutes for the 100-image grid and 1,000 eval samples.
+At 1,600 steps the model was clearly undertrained (BENCHMARKS.md has both).
 """
 
 from jdiff.train.config import base_config
@@ -42,7 +43,7 @@ def get_config(arg=None):
     c.optim.ema_decay = 0.999
     c.optim.ema_warmup = True
 
-    c.train.num_steps = 1600  # 0.85 s per step on 2 CPU cores: ~23 minutes, 0.85 epochs
+    c.train.num_steps = 4000  # 0.7-1.0 s per step on 2 CPU cores: ~1 hour, 2.1 epochs
     c.train.log_every = 100
     c.train.checkpoint_every = 400
     c.train.sample_every = 1200

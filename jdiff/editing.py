@@ -11,6 +11,9 @@ with every sampler, every guidance wrapper and every conditioning:
                (forward pairs of the time sequence, which re-noise with q(x_t' | x_t)).
   ``inpaint_energy`` the DPS-style alternative (Chung et al. 2023): the gradient of
                -||m (x0_hat(x_t) - y)||^2 through :func:`jdiff.guidance.energy`.
+  ``inpaint``  a model fine-tuned to inpaint (GLIDE, Nichol et al. 2022, sec. 4; Palette): the
+               masked image and the mask are ``cond["image"]`` (:func:`inpaint_cond`), made in
+               training by the ``"inpaint"`` batch transform from :func:`random_masks`.
 
 Masks are 1 where ``x_known`` is known (kept) and 0 where it is to be filled, broadcastable to
 ``x_known`` ([B, H, W, 1] or [H, W, 1] for images; any shape for other data).
@@ -18,6 +21,7 @@ Masks are 1 where ``x_known`` is known (kept) and 0 where it is to be filled, br
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -27,7 +31,8 @@ import numpy as np
 from jdiff import diffusion, samplers
 from jdiff.schedules import Schedule, space_timesteps
 
-__all__ = ["sdedit", "repaint", "repaint_times", "inpaint_energy", "replace_known"]
+__all__ = ["sdedit", "repaint", "repaint_times", "inpaint_energy", "replace_known", "inpaint", "inpaint_cond",
+           "paste_known", "random_masks", "mask", "MASK_KINDS"]
 
 Partial = jax.tree_util.Partial
 
@@ -221,3 +226,176 @@ def _inpaint_energy(model_fn, schedule, x_known, mask, parameterization, x_t, t)
     x0, _ = diffusion.x0_eps_from_output(model_fn(x_t, t), x_t, alpha, sigma, parameterization)
     r = mask * (x0 - x_known)
     return -jnp.sum(r.reshape(r.shape[0], -1) ** 2, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks, and inpainting with a mask-conditioned model.
+
+MASK_KINDS = ("box", "stroke", "half", "border")
+
+
+def _box(key, h, w):
+    """An unknown rectangle with sides in [1/4, 3/4] of the image's, anywhere inside it."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    bh = jax.random.randint(k1, (), max(1, h // 4), max(2, (3 * h) // 4 + 1))
+    bw = jax.random.randint(k2, (), max(1, w // 4), max(2, (3 * w) // 4 + 1))
+    top = jax.random.randint(k3, (), 0, h - bh + 1)
+    left = jax.random.randint(k4, (), 0, w - bw + 1)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    hole = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+    return 1.0 - hole.astype(jnp.float32)
+
+
+def _half(key, h, w):
+    """One half unknown: the left, right, top or bottom (the larger half of an odd side)."""
+    side = jax.random.randint(key, (), 0, 4)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    holes = jnp.stack([
+        jnp.broadcast_to(cols < (w + 1) // 2, (h, w)),  # left
+        jnp.broadcast_to(cols >= w // 2, (h, w)),  # right
+        jnp.broadcast_to(rows < (h + 1) // 2, (h, w)),  # top
+        jnp.broadcast_to(rows >= h // 2, (h, w)),  # bottom
+    ])
+    return 1.0 - holes[side].astype(jnp.float32)
+
+
+def _border(key, h, w):
+    """Outpainting: a frame of equal width (1/8 to 1/4 of the smaller side, at least 1) unknown."""
+    lo = max(1, min(h, w) // 8)
+    hi = max(lo, min(h, w) // 4)
+    m = jax.random.randint(key, (), lo, hi + 1)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    inside = (rows >= m) & (rows < h - m) & (cols >= m) & (cols < w - m)
+    return inside.astype(jnp.float32)
+
+
+def _stroke(key, h, w, vertices: int = 5):
+    """Free-form strokes (in the spirit of LaMa's / DeepFill v2's): a brush of radius 1/12 to 1/6
+    of the image (at least 0.75 px) along a random walk of ``vertices`` points."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    size = jnp.asarray([h, w], jnp.float32)
+    start = jax.random.uniform(k1, (1, 2)) * size
+    steps = jax.random.normal(k2, (vertices - 1, 2)) * size / 3.0
+    points = jnp.clip(jnp.concatenate([start, start + jnp.cumsum(steps, axis=0)]), 0.0, size - 1.0)
+    radius = jax.random.uniform(k3, (), minval=max(0.75, min(h, w) / 12), maxval=max(1.0, min(h, w) / 6))
+    grid = jnp.stack(jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij"), -1)
+    a, b = points[:-1], points[1:]  # segments [S, 2]
+    ab = b - a
+    p = grid[:, :, None, :] - a  # [H, W, S, 2]
+    u = jnp.clip(jnp.sum(p * ab, -1) / jnp.maximum(jnp.sum(ab * ab, -1), 1e-6), 0.0, 1.0)
+    dist = jnp.linalg.norm(p - u[..., None] * ab, axis=-1)  # distance to each segment
+    return 1.0 - (jnp.min(dist, axis=-1) <= radius).astype(jnp.float32)
+
+
+_MASK_FNS = {"box": _box, "stroke": _stroke, "half": _half, "border": _border}
+
+
+def _check_kinds(kinds, weights, name: str = "kinds") -> tuple[tuple[str, ...], np.ndarray]:
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in _MASK_FNS]
+    if not kinds or bad:
+        raise ValueError(f"{name}: expected a non-empty sequence of mask kinds from {MASK_KINDS}, got {kinds!r}")
+    if weights is None:
+        p = np.full(len(kinds), 1.0 / len(kinds))
+    else:
+        p = np.asarray(weights, np.float64)
+        if p.shape != (len(kinds),) or not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+            raise ValueError(f"weights: expected {len(kinds)} non-negative weights (one per kind of {kinds}) with a "
+                             f"positive sum, got {weights!r}")
+        p = p / p.sum()
+    return kinds, p
+
+
+def mask(key: jax.Array, kind: str, shape: tuple[int, int]) -> jax.Array:
+    """One random mask [H, W] of ``kind`` (one of :data:`MASK_KINDS`), 1 = known, 0 = to fill:
+    ``box`` an unknown rectangle, ``stroke`` free-form brush strokes, ``half`` the left / right /
+    top / bottom half, ``border`` an unknown frame (outpainting). A pure function of ``key``."""
+    _check_kinds((kind,), None, "kind")
+    h, w = _check_hw(shape)
+    return _MASK_FNS[kind](key, h, w)
+
+
+def _check_hw(shape) -> tuple[int, int]:
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 2 for s in shape)):
+        raise ValueError(f"shape: expected (H, W) with H, W >= 2, got {shape!r}")
+    return int(shape[0]), int(shape[1])
+
+
+def random_masks(key: jax.Array, num: int, shape: tuple[int, int], kinds=MASK_KINDS, weights=None) -> jax.Array:
+    """``num`` masks [num, H, W, 1] (1 = known), each of a kind drawn from ``kinds`` with
+    probabilities ``weights`` (default uniform). Example i depends only on ``fold_in(key, i)``,
+    so a batch sharded over any number of devices gets the same masks."""
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num: expected a positive int, got {num!r}")
+    h, w = _check_hw(shape)
+    kinds, p = _check_kinds(kinds, weights)
+    return _random_masks(key, int(num), h, w, kinds, tuple(float(v) for v in p))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _random_masks(key, num, h, w, kinds, p):
+    fns = [functools.partial(_MASK_FNS[k], h=h, w=w) for k in kinds]
+    logits = jnp.log(jnp.asarray(p, jnp.float32))
+
+    def one(i):
+        k_kind, k_mask = jax.random.split(jax.random.fold_in(key, i))
+        if len(fns) == 1:
+            return fns[0](k_mask)
+        which = jax.random.categorical(k_kind, logits)
+        return jax.lax.switch(which, fns, k_mask)
+
+    return jax.vmap(one)(jnp.arange(num))[..., None]
+
+
+def inpaint_cond(x_known: jax.Array, mask: jax.Array) -> dict:
+    """The conditioning of a mask-channel inpainting model (GLIDE, Nichol et al. 2022, sec. 4):
+    ``{"image": concat([m * x_known, m], -1)}`` for x_known [B, H, W, C] and m [B or 1, H, W, 1]
+    (1 = known): the masked image, its unknown pixels 0, and the mask, C + 1 channels."""
+    if not isinstance(x_known, jax.core.Tracer):
+        x_known = _check_images("x_known", x_known)
+    if getattr(x_known, "ndim", 0) != 4:
+        raise ValueError(f"x_known: expected images [B, H, W, C], got shape {tuple(np.shape(x_known))}")
+    m = _check_mask(mask, x_known)
+    if m.ndim != 4 or m.shape[-1] != 1:
+        raise ValueError(f"mask: expected [B or 1, H, W, 1] (one mask for all channels), got shape {tuple(m.shape)}")
+    m = jnp.broadcast_to(m, x_known.shape[:-1] + (1,)).astype(x_known.dtype)
+    return {"image": jnp.concatenate([x_known * m, m], axis=-1)}
+
+
+def paste_known(x: jax.Array, x_known: jax.Array, mask: jax.Array) -> jax.Array:
+    """m * x_known + (1 - m) * x: the known pixels exactly, the completion elsewhere."""
+    return jnp.where(jnp.asarray(mask) > 0, x_known, x)
+
+
+def inpaint(
+    model_fn: Callable,
+    schedule,
+    x_known: jax.Array,
+    mask: jax.Array,
+    key: jax.Array,
+    *,
+    cond: dict | None = None,
+    paste: bool = True,
+    method: str = "ddpm",
+    **sample_kwargs,
+) -> jax.Array:
+    """Complete ``x_known`` where ``mask`` is 0 with a mask-channel inpainting model: one
+    ``jdiff.sample`` call with ``cond = {**cond, **inpaint_cond(x_known, mask)}``, then (``paste``)
+    the known pixels put back exactly (the model reproduces them only approximately).
+
+    Args:
+      model_fn: ``(x_t, t, cond) -> output`` of a network trained with the ``"inpaint"`` batch
+        transform (``cond["image"]`` of C + 1 channels); any guidance wrapper over it.
+      schedule: its process. x_known: [B, H, W, C]. mask: [B or 1, H, W, 1], 1 = known.
+      cond: further conditioning (e.g. ``{"label": y}``), passed along.
+      **sample_kwargs: passed to :func:`jdiff.sample` (steps, eta, parameterization, clip, ...).
+    Returns: [B, H, W, C].
+    """
+    extra = inpaint_cond(x_known, mask)
+    cond = dict(cond or {})
+    if "image" in cond:
+        raise ValueError("cond['image']: inpaint sets it from x_known and mask; expected cond without 'image'")
+    x = samplers.sample(model_fn, schedule, tuple(x_known.shape), key, method=method, cond={**cond, **extra},
+                        **sample_kwargs)
+    return paste_known(x, jnp.asarray(x_known, x.dtype), mask) if paste else x

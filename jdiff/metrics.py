@@ -48,6 +48,7 @@ __all__ = [
     "inception_score",
     "precision_recall",
     "class_accuracy",
+    "seam_gradient",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -555,3 +556,30 @@ def class_accuracy(logits_or_probs: jax.Array, labels: jax.Array) -> jax.Array:
             raise ValueError(f"labels: expected class indices in [0, {shape[1]}), got min {values.min()}, max {values.max()}")
     predicted = jnp.argmax(jnp.asarray(logits_or_probs), axis=1)
     return _fraction(predicted == jnp.asarray(labels), jnp.float32)
+
+
+def seam_gradient(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean absolute difference between 4-neighbour pixels on opposite sides of the mask border:
+    (1 / |S|) sum_{(p, q) in S} mean_c |x_p - x_q|, S = {horizontally or vertically adjacent
+    p, q with m_p != m_q}, per image. A visible seam of a completion raises it above the same
+    measure on real images with the same mask (an inpainting seam measure, e.g. Lugmayr et al.
+    2022 judge seams by eye; this is the number).
+
+    Args: x [B, H, W, C]; mask [B or 1, H, W, 1] of 0/1 (1 = known). Returns [B] (NaN for an
+    image whose mask has no border).
+    """
+    x = jnp.asarray(x)
+    m = jnp.broadcast_to(jnp.asarray(mask, x.dtype), x.shape[:-1] + (1,))
+    if x.ndim != 4:
+        raise ValueError(f"x: expected images [B, H, W, C], got shape {x.shape}")
+    total = jnp.zeros(x.shape[0], x.dtype)
+    count = jnp.zeros(x.shape[0], x.dtype)
+    for axis in (1, 2):
+        n = x.shape[axis]
+        a, b = jnp.take(x, jnp.arange(n - 1), axis), jnp.take(x, jnp.arange(1, n), axis)
+        ma, mb = jnp.take(m, jnp.arange(n - 1), axis), jnp.take(m, jnp.arange(1, n), axis)
+        border = (ma != mb)[..., 0].astype(x.dtype)
+        diff = jnp.mean(jnp.abs(a - b), axis=-1)
+        total = total + jnp.sum(border * diff, axis=(1, 2))
+        count = count + jnp.sum(border, axis=(1, 2))
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)

@@ -59,7 +59,9 @@ _SDEDIT = flags.DEFINE_string("sdedit", None, "SDEdit (Meng et al. 2022): a guid
 _T0 = flags.DEFINE_integer("t0", None, "SDEdit's starting timestep in [0, T) (0-indexed): small stays faithful, large realistic.")
 _REPAINT = flags.DEFINE_string("repaint", None, "RePaint (Lugmayr et al. 2022): the image (.png or .npz) whose --mask "
                                "pixels are kept; the rest is filled.")
-_MASK = flags.DEFINE_string("mask", None, "RePaint's mask (.png: white = known; .npz 'image' of 0/1), [H, W] or "
+_INPAINT = flags.DEFINE_string("inpaint", None, "An inpainting model's input (.png or .npz; a workdir trained with "
+                                "data.transform='inpaint'): its --mask pixels are kept, the rest completed.")
+_MASK = flags.DEFINE_string("mask", None, "RePaint's or --inpaint's mask (.png: white = known; .npz 'image' of 0/1), [H, W] or "
                             "[H, W, 1] or [N, H, W, 1].")
 _JUMP_LENGTH = flags.DEFINE_integer("jump_length", 10, "RePaint's jump length j.")
 _JUMP_N_SAMPLE = flags.DEFINE_integer("jump_n_sample", 10, "RePaint's resampling count r (1: plain replacement).")
@@ -124,34 +126,20 @@ def _image_shape(cfg) -> tuple:
     return tuple(data_lib.get_dataset(cfg.data).image_shape)
 
 
-def _check_edit_flags(cfg, model):
-    """The --sdedit / --repaint request, checked against the workdir's config before anything is
-    loaded or compiled: (kind, image [num, H, W, C], t0 or mask [num or 1, H, W, 1])."""
-    if _SDEDIT.value and _REPAINT.value:
-        raise app.UsageError("--sdedit, --repaint: expected at most one of them")
-    if _T0.value is not None and not _SDEDIT.value:
-        raise app.UsageError("--t0: only with --sdedit")
-    if _MASK.value and not _REPAINT.value:
-        raise app.UsageError("--mask: only with --repaint")
-    if not (_SDEDIT.value or _REPAINT.value):
-        return None
-    if cfg.diffusion.get("process", "vp") != "vp":
-        raise app.UsageError(f"--sdedit/--repaint: expected a model on the discrete schedule (diffusion.process='vp'), "
-                             f"got process={cfg.diffusion.process!r}")
-    shape = _image_shape(cfg)
-    flag, path = ("--sdedit", _SDEDIT.value) if _SDEDIT.value else ("--repaint", _REPAINT.value)
+def _load_edit_image(cfg, shape, flag: str, path: str) -> np.ndarray:
     image = load_cond_image(path, _NUM.value, shape[-1], flag)
     if image.shape[1:3] != shape[:2]:
         raise app.UsageError(f"{flag}: expected an image of the model's size {shape[0]}x{shape[1]}, got {image.shape[1]}x{image.shape[2]}")
-    image = np.broadcast_to(image, (_NUM.value,) + image.shape[1:]).astype(np.float32)
-    if _SDEDIT.value:
-        T = int(cfg.diffusion.num_timesteps)
-        if _T0.value is None or not 0 <= _T0.value < T:
-            raise app.UsageError(f"--t0: expected a timestep in [0, {T}) (0-indexed) with --sdedit, got {_T0.value}")
-        return "sdedit", image, _T0.value
+    return np.broadcast_to(image, (_NUM.value,) + image.shape[1:]).astype(np.float32)
+
+
+def _load_mask(shape, flag: str) -> np.ndarray:
+    """--mask as [1 or num, H, W, 1] of 0/1 (.png: white = known; .npz 'image' of 0/1)."""
     if not _MASK.value:
-        raise app.UsageError("--mask: --repaint needs a mask (white / 1 = known)")
+        raise app.UsageError(f"--mask: {flag} needs a mask (white / 1 = known)")
     if _MASK.value.endswith(".png"):  # white = known
+        if not os.path.exists(_MASK.value):
+            raise app.UsageError(f"--mask: {_MASK.value!r} does not exist")
         from PIL import Image
 
         with Image.open(_MASK.value) as im:
@@ -161,6 +149,44 @@ def _check_edit_flags(cfg, model):
     if mask.shape[1:3] != shape[:2] or not np.all((mask == 0) | (mask == 1)):
         raise app.UsageError(f"--mask: expected a 0/1 mask of the model's size {shape[0]}x{shape[1]}, got shape "
                              f"{mask.shape[1:3]} with values {np.unique(mask)[:4]}")
+    return mask
+
+
+def _check_edit_flags(cfg, model):
+    """The --sdedit / --repaint / --inpaint request, checked against the workdir's config before
+    anything is loaded or compiled: (kind, image [num, H, W, C], t0 or mask [num or 1, H, W, 1])."""
+    given = [f for f, v in (("--sdedit", _SDEDIT.value), ("--repaint", _REPAINT.value), ("--inpaint", _INPAINT.value)) if v]
+    if len(given) > 1:
+        raise app.UsageError(f"{', '.join(given)}: expected at most one of them")
+    if _T0.value is not None and not _SDEDIT.value:
+        raise app.UsageError("--t0: only with --sdedit")
+    if _MASK.value and not (_REPAINT.value or _INPAINT.value):
+        raise app.UsageError("--mask: only with --repaint or --inpaint")
+    if _INPAINT.value:
+        shape = _image_shape(cfg)
+        if cfg.data.get("transform", "") != "inpaint" or (getattr(model, "image_channels", 0) or 0) != shape[-1] + 1:
+            raise app.UsageError(
+                f"--inpaint: expected a workdir of an inpainting model (data.transform='inpaint', model.image_channels="
+                f"{shape[-1] + 1}), got data.transform={cfg.data.get('transform', '')!r}, model.image_channels="
+                f"{getattr(model, 'image_channels', 0)}; use --repaint with a plain model")
+        if _COND_IMAGE.value:
+            raise app.UsageError("--cond_image: --inpaint makes the conditioning from the image and --mask; expected no --cond_image")
+        image = _load_edit_image(cfg, shape, "--inpaint", _INPAINT.value)
+        return "inpaint", image, _load_mask(shape, "--inpaint")
+    if not (_SDEDIT.value or _REPAINT.value):
+        return None
+    if cfg.diffusion.get("process", "vp") != "vp":
+        raise app.UsageError(f"--sdedit/--repaint: expected a model on the discrete schedule (diffusion.process='vp'), "
+                             f"got process={cfg.diffusion.process!r}")
+    shape = _image_shape(cfg)
+    flag, path = ("--sdedit", _SDEDIT.value) if _SDEDIT.value else ("--repaint", _REPAINT.value)
+    image = _load_edit_image(cfg, shape, flag, path)
+    if _SDEDIT.value:
+        T = int(cfg.diffusion.num_timesteps)
+        if _T0.value is None or not 0 <= _T0.value < T:
+            raise app.UsageError(f"--t0: expected a timestep in [0, {T}) (0-indexed) with --sdedit, got {_T0.value}")
+        return "sdedit", image, _T0.value
+    mask = _load_mask(shape, "--repaint")
     if _JUMP_LENGTH.value < 1 or _JUMP_N_SAMPLE.value < 1:
         raise app.UsageError(f"--jump_length, --jump_n_sample: expected positive ints, got {_JUMP_LENGTH.value}, "
                              f"{_JUMP_N_SAMPLE.value}")
@@ -206,6 +232,7 @@ def main(argv):
     cfg = load_config(_WORKDIR.value)
     model = network.build_model(cfg)
     num_classes = getattr(model, "num_classes", None)
+    edit = _check_edit_flags(cfg, model)
     labels = None
     if _LABEL.value:
         if num_classes is None:
@@ -218,18 +245,21 @@ def main(argv):
         if num_classes is None:
             raise app.UsageError("--null_label: this model is not class-conditional")
         labels = np.full((_NUM.value,), num_classes, np.int32)
+    elif num_classes is not None and edit is not None:
+        if g:
+            raise app.UsageError(f"--guidance: {g} guides towards a class; an edit without --label uses the null class")
+        labels = np.full((_NUM.value,), num_classes, np.int32)  # edits complete the image, not a class
     elif num_classes is not None:
         labels = balanced_labels(_NUM.value, num_classes)
     elif g:
         raise app.UsageError("--guidance: classifier-free guidance needs a class-conditional model")
     image_channels = getattr(model, "image_channels", 0) or 0
-    if image_channels and not _COND_IMAGE.value:
+    if image_channels and not _COND_IMAGE.value and not (edit and edit[0] == "inpaint"):
         raise app.UsageError(f"--cond_image: this model is conditioned on an image (config.model.image_channels="
                              f"{image_channels}); pass the conditioning image as a .png or .npz")
     if _COND_IMAGE.value and not image_channels:
         raise app.UsageError("--cond_image: this model takes no image conditioning (config.model.image_channels=0)")
-    cond_image = load_cond_image(_COND_IMAGE.value, _NUM.value, image_channels) if image_channels else None
-    edit = _check_edit_flags(cfg, model)
+    cond_image = load_cond_image(_COND_IMAGE.value, _NUM.value, image_channels) if _COND_IMAGE.value else None
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     mesh = parallel.make_mesh()
     loaded = load_for_sampling(_WORKDIR.value, mesh)
@@ -239,7 +269,20 @@ def main(argv):
     method = _METHOD.value or s.method
     steps = _STEPS.value if _STEPS.value is not None else s.steps
     eta = _ETA.value if _ETA.value is not None else s.eta
-    if edit is not None:
+    if edit is not None and edit[0] == "inpaint":
+        from jdiff import editing
+
+        _, image, mask = edit
+        mask = np.broadcast_to(mask, (_NUM.value,) + mask.shape[1:])
+        cond = {k: np.asarray(v) for k, v in editing.inpaint_cond(image, mask).items()}
+        x = generate(
+            model, loaded.params, loaded.schedule, loaded.image_shape, _NUM.value, jax.random.key(_SEED.value),
+            labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
+            method=method, steps=steps, eta=eta, clip=s.clip or None,
+            variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
+        )
+        x = np.asarray(editing.paste_known(x, image, mask))  # the known pixels exactly
+    elif edit is not None:
         if edit[0] == "sdedit" and _STEPS.value is None and steps is not None:
             # The config's density of steps, over the part of the chain SDEdit runs.
             steps = max(1, round(steps * (edit[2] + 1) / cfg.diffusion.num_timesteps))

@@ -164,8 +164,13 @@ def overlay_params(params: Any, source: Any, name: str = "config.train.init_from
     """``params`` with every leaf whose '/'-joined path is also in ``source`` replaced by the
     source's value (cast to the target dtype); returns ``(params, loaded_paths)``.
 
-    Raises ValueError naming ``name`` and the path if a shared path has different shapes, or if
-    the two trees share no path at all (the source is a different network).
+    A conv or dense ``kernel`` whose input-channel axis (the second to last) grew, all else
+    equal, gets the source in its leading input channels and zeros in the new ones: extra
+    ``cond["image"]`` channels concatenated after x_t (an inpainting model's masked image and
+    mask, GLIDE sec. 4) then start with no effect, so the network starts as the source model.
+
+    Raises ValueError naming ``name`` and the path if a shared path has other different shapes,
+    or if the two trees share no path at all (the source is a different network).
     """
     flat = traverse_util.flatten_dict(_plain(params), sep="/")
     src = traverse_util.flatten_dict(_plain(source), sep="/")
@@ -175,11 +180,21 @@ def overlay_params(params: Any, source: Any, name: str = "config.train.init_from
             f"{name}: the source params share no path with this network's (source paths such as {sorted(src)[:4]}, "
             f"this network's such as {sorted(flat)[:4]}); expected a workdir of a network with matching param names"
         )
+    grown = []
     for k in shared:
-        if tuple(src[k].shape) != tuple(flat[k].shape):
-            raise ValueError(f"{name}: param {k!r} has shape {tuple(src[k].shape)} in the source but "
-                             f"{tuple(flat[k].shape)} in this network; expected equal shapes at every shared path")
+        s_shape, t_shape = tuple(src[k].shape), tuple(flat[k].shape)
+        if s_shape == t_shape:
+            continue
+        if (k.endswith("kernel") and len(s_shape) == len(t_shape) >= 2 and s_shape[-2] < t_shape[-2]
+                and s_shape[:-2] == t_shape[:-2] and s_shape[-1] == t_shape[-1]):
+            grown.append(k)
+            continue
+        raise ValueError(f"{name}: param {k!r} has shape {s_shape} in the source but {t_shape} in this network; "
+                         "expected equal shapes at every shared path (or a kernel with more input channels)")
     out = dict(flat)
     for k in shared:
-        out[k] = jnp.asarray(src[k], dtype=flat[k].dtype)
+        value = jnp.asarray(src[k], dtype=flat[k].dtype)
+        if k in grown:
+            value = jnp.zeros(flat[k].shape, flat[k].dtype).at[..., : value.shape[-2], :].set(value)
+        out[k] = value
     return traverse_util.unflatten_dict(out, sep="/"), shared

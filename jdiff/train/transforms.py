@@ -33,6 +33,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+
+from jdiff import editing
 
 BatchTransform = Callable[[dict, jax.Array], dict]
 
@@ -103,3 +106,25 @@ def downsample_image(factor: int = 2, method: str = "bilinear") -> BatchTransfor
 
 
 register("downsample_image", downsample_image)
+
+
+def inpaint(kinds=editing.MASK_KINDS, weights=None) -> BatchTransform:
+    """``cond["image"]`` = [m * x0, m] for a random mask m per example (1 = known; kinds from
+    :data:`jdiff.editing.MASK_KINDS`: boxes, free-form strokes, halves, outpainting borders, drawn
+    with probabilities ``weights``): the training input of a mask-channel inpainting model
+    (GLIDE, Nichol et al. 2022, sec. 4), ``config.model.image_channels`` = C + 1. The loss stays
+    on every pixel, as in GLIDE. Masks come from :func:`jdiff.editing.random_masks`.
+    """
+    kinds, _ = editing._check_kinds(kinds, weights, "config.data.transform_kwargs.kinds")
+    weights = None if weights is None else tuple(float(v) for v in weights)
+
+    def transform(batch: dict, key: jax.Array) -> dict:
+        x0 = batch["image"]
+        b, h, w, _ = x0.shape
+        m = editing.random_masks(key, b, (h, w), kinds, weights).astype(x0.dtype)
+        return {**batch, "cond": {**batch.get("cond", {}), "image": jnp.concatenate([x0 * m, m], axis=-1)}}
+
+    return transform
+
+
+register("inpaint", inpaint)
