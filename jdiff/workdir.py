@@ -83,7 +83,7 @@ def _restore(workdir: str, config, model, image_shape, mesh: Mesh | None):
                             parallel.param_shardings(template, mesh))
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     try:
-        state = ckpt.restore(template)
+        state = ckpt.restore(template, move_aside=False)  # reading must not change the workdir
     finally:
         ckpt.close()
     if state is None:

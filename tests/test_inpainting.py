@@ -215,3 +215,44 @@ def test_seam_gradient_matches_the_pixel_pair_definition():
     m[:] = 0
     m[:, :, :3] = 1  # a vertical border: the constant step 2/6 of the ramp
     np.testing.assert_allclose(metrics.seam_gradient(smooth, m), np.full(5, 2 / 6), rtol=1e-5)
+
+
+def _config(name, arg=None):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_cfg_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.mark.parametrize("name,base,arg", [("digits_inpaint", "digits", None), ("digits_inpaint", "digits", "scratch"),
+                                           ("fashion_mnist_inpaint", "fashion_mnist", None),
+                                           ("fashion_mnist_inpaint", "fashion_mnist", "scratch")])
+def test_inpaint_configs_fine_tune_their_base(name, base, arg):
+    """Each inpainting config validates, its transform's cond["image"] fits the network, and the
+    base config's params overlay onto it completely (only the first conv's input channels grow)."""
+    from jdiff.train import config as config_lib
+
+    c, b = _config(name, arg), _config(base)
+    config_lib.validate(c)
+    assert c.data.transform == "inpaint" and c.model.image_channels == 2
+    assert c.train.init_from == ("" if arg == "scratch" else f"workdirs/{base}")
+    shape = (8, 8, 1) if base == "digits" else (28, 28, 1)
+    model, base_model = network.build_model(c), network.build_model(b)
+    batch = network.example_batch(model, shape, network.make_transform(c))
+    assert batch["cond"]["image"].shape == (1,) + shape[:2] + (2,)
+    params = jax.eval_shape(lambda: network.init_params(model, shape, jax.random.key(0), cond=batch["cond"]))
+    base_params = jax.eval_shape(lambda: network.init_params(base_model, shape, jax.random.key(0)))
+    zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), tree)  # noqa: E731
+    _, loaded = overlay_params(zeros(params), zeros(base_params))
+    assert len(loaded) == len(jax.tree.leaves(base_params)) == len(jax.tree.leaves(params))
+
+
+def test_inpaint_configs_reject_unknown_variants():
+    with pytest.raises(ValueError, match="arg"):
+        _config("digits_inpaint", "large")
+    with pytest.raises(ValueError, match="arg"):
+        _config("fashion_mnist_inpaint", "large")

@@ -17,7 +17,7 @@ from jdiff import data as data_lib
 from jdiff import losses
 from jdiff.train import config as config_lib
 from jdiff.train import loop, network
-from jdiff.train.checkpoint import Checkpointer
+from jdiff.train.checkpoint import Checkpointer, IncompatibleCheckpointError
 from jdiff.train.state import create_train_state, make_optimizer
 from jdiff.train.step import make_train_step
 
@@ -64,13 +64,31 @@ def test_outputs_of_a_run(trained):
     assert Checkpointer(workdir).steps() == [3, 6]
 
 
-def test_resume_is_bit_identical(trained, tmp_path):
-    """Kill after step 3 (here: stop there), restart: the params equal the uninterrupted run's."""
+def test_resume_is_bit_identical(trained, tmp_path, monkeypatch):
+    """Kill after step 3 (here: stop there), restart: the params equal the uninterrupted run's.
+    The restart restores onto the abstract state (shapes and shardings), never building a fresh
+    state beside the restored one."""
     workdir, _ = trained
     resumed = str(tmp_path / "resumed")
     loop.train_and_evaluate(tiny_config(**{"train.num_steps": 3}), resumed)
     assert Checkpointer(resumed).steps() == [3]
+    targets, fresh = [], []
+    real_restore, real_init = Checkpointer.restore, loop.create_train_state
+
+    def restore(self, target, **kw):
+        targets.append(target)
+        return real_restore(self, target, **kw)
+
+    def create(params, *a, **kw):
+        fresh.append(all(isinstance(p, jax.core.Tracer) for p in jax.tree.leaves(params)))
+        return real_init(params, *a, **kw)
+
+    monkeypatch.setattr(Checkpointer, "restore", restore)
+    monkeypatch.setattr(loop, "create_train_state", create)
     loop.train_and_evaluate(tiny_config(), resumed)
+    assert len(targets) == 1 and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
+                                     for x in jax.tree.leaves(targets[0]))
+    assert fresh == [True]  # traced once for the shapes (eval_shape), never run
     a, b = _params(workdir, 6), _params(resumed, 6)
     for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(la, lb)
@@ -168,10 +186,40 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(trained, tmp_path):
     model = network.build_model(c)
     template = create_train_state(network.init_params(model, ds.image_shape, jax.random.key(0)), make_optimizer(c.optim),
                                   jax.random.key(0))
+    reader = Checkpointer(workdir)
+    assert int(reader.restore(template, move_aside=False).step) == 3  # a reader (sampling) changes nothing
+    reader.close()
+    assert Checkpointer(workdir).steps() == [3, 6]
     ckpt = Checkpointer(workdir)
     restored = ckpt.restore(template)
-    ckpt.close()
     assert int(restored.step) == 3
+    # The corrupt step is renamed, never deleted, so the run's next saves at steps <= 6 land
+    # (orbax refuses a step at or below its latest: before, saves 4-6 were silently dropped).
+    aside = os.path.join(workdir, "checkpoints.corrupt", "6")
+    assert os.path.isdir(aside) and any(files for _, _, files in os.walk(aside))
+    assert ckpt.steps() == [3]
+    for step in (4, 6):
+        ckpt.save(restored.replace(step=jnp.asarray(step, jnp.int32)))
+    assert ckpt.steps() == [3, 4, 6]
+    with pytest.raises(RuntimeError, match="step 5 was not written"):  # a refused save is an error, not a no-op
+        ckpt.save(restored.replace(step=jnp.asarray(5, jnp.int32)))
+    ckpt.close()
+
+
+def test_a_checkpoint_of_another_state_structure_is_an_error_not_corruption(trained, tmp_path):
+    """A state of another structure (here a network of another width, as a config change outside
+    the fingerprint would make) is named as incompatible, not skipped as corrupt; nothing moves."""
+    workdir = str(tmp_path / "incompatible")
+    shutil.copytree(trained[0], workdir)
+    c = tiny_config(**{"model.base_channels": 16})
+    model = network.build_model(c)
+    shapes = jax.eval_shape(lambda: create_train_state(network.init_params(model, (8, 8, 1), jax.random.key(0)),
+                                                       make_optimizer(c.optim), jax.random.key(0)))
+    ckpt = Checkpointer(workdir)
+    with pytest.raises(IncompatibleCheckpointError, match=r"checkpoint 6 .* leaf .* has shape"):
+        ckpt.restore(shapes)
+    ckpt.close()
+    assert Checkpointer(workdir).steps() == [3, 6] and not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
 
 
 @pytest.fixture(scope="module")

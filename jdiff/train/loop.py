@@ -235,19 +235,23 @@ def train_and_evaluate(
     def init_state(params):
         return create_train_state(params, optimizer, state_key, trainable)
 
-    # Every process computes the same initial state; each device keeps only its shards.
-    param_shardings = parallel.param_shardings(jax.eval_shape(make_params), mesh, fsdp, min_size=fsdp_min_size)
-    params = jax.jit(make_params, out_shardings=param_shardings)()
-    state_shardings = parallel.param_shardings(jax.eval_shape(init_state, params), mesh, fsdp, min_size=fsdp_min_size)
-    state = jax.jit(init_state, out_shardings=state_shardings)(params)
-    restored = ckpt.restore(state)  # onto the target shardings, whatever mesh wrote it
-    if restored is not None:
-        state = restored
+    # The state's shapes and shardings, without computing it: a resume restores onto them (no
+    # fresh state beside the restored one); otherwise every process computes the same initial
+    # state and each device keeps only its shards.
+    abstract_params = jax.eval_shape(make_params)
+    param_shardings = parallel.param_shardings(abstract_params, mesh, fsdp, min_size=fsdp_min_size)
+    abstract_state = jax.eval_shape(init_state, abstract_params)
+    state_shardings = parallel.param_shardings(abstract_state, mesh, fsdp, min_size=fsdp_min_size)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
+    state = ckpt.restore(target)  # onto the target shardings, whatever mesh wrote it
+    if state is not None:
         logging.info("resumed from step %d in %s", int(state.step), workdir)
-    elif config.train.init_from:
-        params = _init_from(config, params, trainable, mesh)
+    else:
+        params = jax.jit(make_params, out_shardings=param_shardings)()
+        if config.train.init_from:
+            params = _init_from(config, params, trainable, mesh)
         state = jax.jit(init_state, out_shardings=state_shardings)(params)
-    del params
+        del params
     if writer:
         ckpt.write_experiment(config)
 
