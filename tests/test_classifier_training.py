@@ -71,3 +71,31 @@ def test_log_prob_fn_feeds_classifier_guidance(trained):
     grad = jax.grad(lambda xx: lp(xx, t, y).sum())(x)
     sqrt_1m = jnp.sqrt(1 - schedule.alphas_cumprod[10])
     np.testing.assert_allclose(guided(x, t, y), -2.0 * sqrt_1m * grad, rtol=1e-4, atol=1e-6)
+
+
+def test_train_classifier_writes_resumes_and_checks_the_mesh(tmp_path):
+    """train_classifier: checkpoints and metrics in the workdir, resume continues from the last
+    step (restored onto the abstract state, on the default mesh), and bad input is an error
+    before anything is written."""
+    import json
+    import os
+
+    from jdiff import parallel
+    from jdiff.train.checkpoint import Checkpointer
+
+    c = small_config()
+    c.data.batch_size = 16
+    c.train.update(num_steps=4, log_every=2, checkpoint_every=2)
+    workdir = str(tmp_path / "clf")
+    first = clf.train_classifier(c, workdir, mesh=parallel.make_mesh(1))
+    assert first["step"] == 4 and 0.0 <= first["test_accuracy_t0.00"] <= 1.0
+    assert Checkpointer(workdir).steps() == [2, 4]
+    c.train.num_steps = 6
+    again = clf.train_classifier(c, workdir)
+    assert again["step"] == 6 and Checkpointer(workdir).steps() == [2, 4, 6]
+    logged = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert logged == [2, 4, 6]  # the resumed run logged only its own steps
+    c.data.name = "shapes_unlabelled_typo"
+    with pytest.raises(ValueError, match="shapes_unlabelled_typo"):
+        clf.train_classifier(c, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")  # nothing written

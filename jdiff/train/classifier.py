@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from jdiff import data as data_lib
-from jdiff import diffusion
+from jdiff import diffusion, parallel
 from jdiff.models import NoiseAwareClassifier
 from jdiff.train import config as config_lib
 from jdiff.train.checkpoint import Checkpointer
@@ -80,9 +81,19 @@ def noisy_accuracy(module, params, schedule, images, labels, key, fractions=(0.0
     return out
 
 
-def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (resuming from ``workdir``) and write test accuracies by noise level to metrics.json."""
+def train_classifier(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh | None = None) -> dict:
+    """Train (resuming from ``workdir``) and write test accuracies by noise level to metrics.json.
+
+    As ``launch.train`` does: the global batch ``config.data.batch_size`` is split along the data
+    axis of ``mesh`` (default ``jdiff.parallel.make_mesh()``, all devices of all processes),
+    params are replicated, the state is restored onto its abstract shapes and shardings, every
+    process reads its slice of each batch, and only process 0 writes logs and metrics (orbax
+    coordinates the checkpoint shards).
+    """
     config_lib.validate(config)
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    parallel.check_batch_size(config.data.batch_size, mesh, "config.data.batch_size")
+    writer = jax.process_index() == 0
     dataset = data_lib.get_dataset(config.data)
     if not dataset.num_classes:
         raise ValueError(f"config.data.name: {config.data.name!r} has no labels to train a classifier on")
@@ -94,34 +105,48 @@ def train_classifier(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.check_experiment(config)
     optimizer = make_optimizer(config.optim)
     init_key, state_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-    state = create_train_state(init_classifier(module, dataset.image_shape, init_key), optimizer, state_key)
-    state = ckpt.restore(state) or state
-    ckpt.write_experiment(config)
+
+    def init_state():
+        return create_train_state(init_classifier(module, dataset.image_shape, init_key), optimizer, state_key)
+
+    abstract = jax.eval_shape(init_state)
+    shardings = parallel.param_shardings(abstract, mesh, False)
+    state = ckpt.restore(jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings))
+    if state is None:
+        state = jax.jit(init_state, out_shardings=shardings)()
+    if writer:
+        ckpt.write_experiment(config)
 
     def apply(params, x, t, train=False, rngs=None):
         return module.apply({"params": params}, x, t, train=train, rngs=rngs)
 
-    step_fn = jax.jit(make_classifier_train_step(apply, schedule, optimizer, config), donate_argnums=0)
+    step_fn = jax.jit(make_classifier_train_step(apply, schedule, optimizer, config), donate_argnums=0,
+                      in_shardings=(shardings, parallel.data_sharding(mesh)),
+                      out_shardings=(shardings, parallel.replicated(mesh)))
     tc = config.train
     log_path = os.path.join(workdir, "metrics.jsonl")
-    for step in range(int(state.step), tc.num_steps):
-        b = data_lib.batch_at(dataset.source, step, batch_size=config.data.batch_size, seed=config.seed)
-        state, m = step_fn(state, {"image": b["image"], "label": b["label"]})
+    for step in range(int(jax.device_get(state.step)), tc.num_steps):
+        b = data_lib.batch_at(dataset.source, step, batch_size=config.data.batch_size, seed=config.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+        state, m = step_fn(state, parallel.global_batch({"image": b["image"], "label": b["label"]}, mesh))
         done = step + 1
         if done % tc.log_every == 0 or done == tc.num_steps or done % tc.checkpoint_every == 0:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not all(np.isfinite(list(m.values()))):
                 raise FloatingPointError(f"non-finite classifier metrics at step {done}: {m}; no checkpoint written")
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": done, **m}) + "\n")
+            if writer:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": done, **m}) + "\n")
             logging.info("step %d: %s", done, m)
         if done % tc.checkpoint_every == 0 or done == tc.num_steps:
             ckpt.save(state)
     test = data_lib.get_dataset(config.data, split="test")
-    result = {"step": int(state.step)}
-    result.update(noisy_accuracy(module, state.ema_params, schedule, test.source["image"], test.source["label"], eval_key))
-    with open(os.path.join(workdir, "metrics.json.tmp"), "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(os.path.join(workdir, "metrics.json.tmp"), os.path.join(workdir, "metrics.json"))
+    result = {"step": int(jax.device_get(state.step))}
+    ema = jax.device_get(state.ema_params)  # replicated: every process holds all of it
+    result.update(noisy_accuracy(module, ema, schedule, test.source["image"], test.source["label"], eval_key))
+    if writer:
+        with open(os.path.join(workdir, "metrics.json.tmp"), "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(os.path.join(workdir, "metrics.json.tmp"), os.path.join(workdir, "metrics.json"))
     ckpt.close()
     return result
