@@ -95,6 +95,7 @@ def main():
     models = [("fine-tuned inpainting model", args.inpaint), ("inpainting model from scratch", args.scratch)]
     models = [(name, load_for_sampling(w)) for name, w in models if w]
     for name, m in models:
+        print(f"{name}: step {m.step}")
         if m.config.data.get("transform", "") != "inpaint":
             raise SystemExit(f"{name}: {m.config.data.transform!r} is not an inpainting workdir (data.transform='inpaint')")
 

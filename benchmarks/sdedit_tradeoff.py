@@ -9,8 +9,8 @@ stand-in: 4x4-pixel (2x2 for digits) blocks of the block mean, quantized to 3 le
 Each guide is edited by ``jdiff.editing.sdedit`` from t0 in ``--t0s`` (of T = 1000, 0-indexed),
 with DDPM ancestral steps at the density of ``--steps`` per 1000 timesteps, at the null label.
 Reported: the RMS distance of the edit to its guide (faithfulness; the guide's own distance to
-the original beside it), the FID of the edits against the test split (realism; the guides' FID
-at t0 = none) and the class accuracy of the edits against the originals' labels.
+the original beside it), the FID of the edits against the test split (realism; the guides' own
+FID in the rows "guide", and as many train images' FID as the floor) and the class accuracy of the edits against the originals' labels.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from benchmarks.inpainting import null_labels, test_images
+from benchmarks.inpainting import null_labels, test_images, train_images
 from jdiff import editing
 from jdiff.evaluation import evaluators
 from jdiff.inference import model_fn_for
@@ -76,6 +76,7 @@ def main():
     t0s = [int(v) for v in args.t0s.split(",")]
     kw = dict(parameterization=cfg.diffusion.parameterization, variance=cfg.diffusion.variance, clip=cfg.sample.clip or None)
     real = evaluator.score(x, y)
+    floor = evaluator.score(*train_images(loaded, n))
     rows, raw, series, labels = [], {"args": vars(args), "machine": info, "results": {}}, {}, {}
     for gi, (kind, guide) in enumerate(make_guides(x).items()):
         g = evaluator.score(guide, y)
@@ -98,8 +99,9 @@ def main():
                                          "wall s"], [row]).splitlines()[-1], flush=True)
     print()
     print(common.header(f"SDEdit trade-off, {cfg.data.name}", "python -m benchmarks.sdedit_tradeoff " + " ".join(sys.argv[1:]), info))
-    print(f"{n} test images: FID of the originals {real['fid']:.2f} (the floor at this count), class accuracy "
-          f"{real['class_accuracy']:.3f}. Rows 'guide' score the guides themselves.\n")
+    print(f"{n} test images: the originals score FID {real['fid']:.2f} (they are part of the reference) and class "
+          f"accuracy {real['class_accuracy']:.3f}; as many train images score FID {floor['fid']:.2f} (the floor at this "
+          "count). Rows 'guide' score the guides themselves.\n")
     print(common.markdown_table(["guide", "t0", "RMS to guide", "RMS to original", "FID", "class acc", "calls", "wall s"], rows))
     if args.png:
         from benchmarks.plot import line_chart

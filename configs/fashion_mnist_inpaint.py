@@ -11,6 +11,8 @@ borders (jdiff.editing.random_masks); the new input channels of the first conv s
 (jdiff.train.state.overlay_params), so step 0 is the base model. ":scratch" trains it from a
 random init instead; ":small" is the test-sized variant on the 300 shipped images (from scratch).
 The base path is ``config.train.init_from`` (--config.train.init_from=W for another one).
+At 1,000 steps the completions still partly copied the grey fill of the hole (seam ratio 2.0-2.5
+in benchmarks/inpainting.py); at 2,500 it is 1.2-1.35 (BENCHMARKS.md).
 
 benchmarks/inpainting.py compares it with naive replacement and RePaint on the base model.
 """
@@ -30,7 +32,7 @@ def get_config(arg=None):
     c.train.init_from = "workdirs/fashion_mnist"
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 100
-    c.train.num_steps = 1000  # ~0.75-0.85 s per step on 2 CPU cores, as the base
+    c.train.num_steps = 2500  # ~0.7-1.0 s per step on 2 CPU cores, as the base: ~35-45 minutes
     c.train.sample_every = 0
     if arg == "scratch":
         c.train.init_from = ""
