@@ -274,8 +274,8 @@ def test_launch_sample_rejects_bad_flags(trained, tmp_path, cli_env):
 
 @pytest.mark.slow
 def test_sigkill_midway_then_resume_is_bit_identical(tmp_path, cli_env):
-    """SIGKILL a real `launch.train` process after its second checkpoint, run the same command
-    again, and compare the final params with an uninterrupted run's."""
+    """SIGKILL (then SIGTERM) a real `launch.train` process after its second checkpoint, run the
+    same command again, and compare the final params with an uninterrupted run's."""
     import signal
     import time
 
@@ -296,6 +296,25 @@ def test_sigkill_midway_then_resume_is_bit_identical(tmp_path, cli_env):
     assert steps and steps[-1] < 40, steps
     assert run(killed).returncode == 0
     for a, b in zip(jax.tree.leaves(_params(full, 40)), jax.tree.leaves(_params(killed, 40))):
+        np.testing.assert_array_equal(a, b)
+
+    # SIGTERM (a preemption notice): the process saves the step it is at and exits 0; the same
+    # command resumes from exactly there to the uninterrupted result.
+    termed = str(tmp_path / "termed")
+    proc = subprocess.Popen([sys.executable, "-m", "launch.train", *args, "--workdir", termed],
+                            cwd=ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(termed, "checkpoints", "10")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = json.loads(out[out.index("{"):])
+    assert stopped["preempted"] and 10 <= stopped["step"] < 40, stopped
+    assert Checkpointer(termed).steps()[-1] == stopped["step"]  # saved where it stopped, not at the last multiple of 5
+    assert not os.path.exists(os.path.join(termed, "samples.png"))
+    assert run(termed).returncode == 0
+    for a, b in zip(jax.tree.leaves(_params(full, 40)), jax.tree.leaves(_params(termed, 40))):
         np.testing.assert_array_equal(a, b)
 
 

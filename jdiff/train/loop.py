@@ -20,6 +20,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -210,6 +212,9 @@ def train_and_evaluate(
     ``fsdp``: shard params, EMA and optimizer state (leaves of at least ``fsdp_min_size``
     elements) along that axis too, instead of replicating them (``jdiff.parallel.param_shardings``).
     Neither changes the result beyond float summation order.
+
+    A SIGTERM (a preemption notice) saves the current step and returns ``{"step", "preempted":
+    True}`` without samples or evaluation; the same call resumes from exactly that step.
     """
     # Everything that can be wrong with the request is checked before the workdir is touched.
     config_lib.validate(config)
@@ -282,6 +287,7 @@ def train_and_evaluate(
         host = jax.device_get([m for _, m in pending])
         for (s, _), m in zip(pending, host):
             if not all(math.isfinite(float(v)) for v in m.values()):
+                preempted.restore()
                 raise NonFiniteLossError(
                     f"non-finite training metrics at step {s}: {m}. Training stopped; the last checkpoint "
                     f"(step {last_good}) is untouched. Lower optim.lr or check the data."
@@ -294,6 +300,7 @@ def train_and_evaluate(
         t0, steps_timed = time.perf_counter(), 0
         return step, mean
 
+    preempted = _PreemptionNotice()
     for step in range(start, tc.num_steps):
         batch = data_lib.batch_at(
             dataset.source, step, batch_size=config.data.batch_size, seed=config.seed,
@@ -320,8 +327,23 @@ def train_and_evaluate(
                 log.write(*logged)
             ckpt.save(state)
             last_good = done
+        if preempted(done) and done != tc.num_steps:
+            # A preemption notice (SIGTERM): save this step, skip samples and evaluation, and
+            # return; the same command resumes from exactly here.
+            logged = flush()
+            if logged and writer:
+                log.write(*logged)
+            if done % tc.checkpoint_every:
+                ckpt.save(state)
+            if bar is not None:
+                bar.close()
+            ckpt.close()
+            preempted.restore()
+            logging.warning("preempted (SIGTERM): saved step %d in %s; run the same command to resume", done, workdir)
+            return {"step": done, "preempted": True}
         if tc.sample_every and done % tc.sample_every == 0 and done != tc.num_steps:
             _write_samples(config, model, state, schedule, dataset, sample_key, os.path.join(workdir, f"samples_{done}.png"), mesh)
+    preempted.restore()
     if bar is not None:
         bar.close()
 
@@ -341,6 +363,46 @@ def train_and_evaluate(
         os.replace(tmp, os.path.join(workdir, "metrics.json"))
     ckpt.close()
     return final
+
+
+class _PreemptionNotice:
+    """Whether a preemption notice (SIGTERM) has arrived, agreed by every process.
+
+    One process: a SIGTERM handler sets a flag (installed only from the main thread; the
+    previous handler comes back with :meth:`restore`). Several processes: JAX's preemption
+    sync point (``multihost_utils.reached_preemption_sync_point``, which needs the preemption
+    service of ``jax.distributed``), so that all of them stop at the same step; without it,
+    SIGTERM keeps its default meaning there.
+    """
+
+    def __init__(self):
+        self._flag = False
+        self._unavailable = False
+        self._previous = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum, frame):
+        del signum, frame
+        self._flag = True
+
+    def __call__(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        if self._unavailable:
+            return False
+        try:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except Exception:  # noqa: BLE001 - no preemption service: no notice, and no more asking
+            self._unavailable = True
+            return False
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _sample_cond(config, model, dataset, num: int, key: jax.Array) -> dict:
