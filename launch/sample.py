@@ -5,13 +5,17 @@ python -m launch.sample --workdir workdirs/digits --num 64 --out samples.npz --l
 python -m launch.sample --workdir workdirs/tiny_sr --num 4 --out sr.png --cond_image low_res.png
 python -m launch.sample --workdir workdirs/digits --num 16 --out edit.png --sdedit guide.png --t0 400
 python -m launch.sample --workdir workdirs/digits --num 16 --out fill.png --repaint img.png --mask mask.png
+python -m launch.sample --workdir workdirs/digits_inpaint --num 16 --out fill.png --inpaint img.png --mask mask.png
 
 Editing (jdiff.editing, one device): --sdedit GUIDE --t0 N noises the guide to timestep N and
 denoises it with --method / --steps (default: the config's sampler at its density of steps);
 --repaint IMG --mask MASK keeps the mask's white (1) pixels and fills the rest with RePaint's
-resampling (--jump_length, --jump_n_sample; --steps reverse steps). Images must have the
-model's size; a wrong size, a t0 outside [0, T) or a non-binary mask is an error before
-anything is loaded.
+resampling (--jump_length, --jump_n_sample; --steps reverse steps); --inpaint IMG --mask MASK
+completes the image with a mask-channel inpainting model (a workdir trained with
+data.transform='inpaint', e.g. configs/digits_inpaint.py; sharded like plain sampling) and
+puts the known pixels back exactly. Edits sample the null class unless --label is given. Images
+must have the model's size; a wrong size, a t0 outside [0, T) or a non-binary mask is an error
+before anything is loaded.
 
 --out FILE.png writes a grid; FILE.npz writes the raw float32 array "samples" [N, H, W, C] in
 [-1, 1] (and "labels" for conditional models). Uses the EMA params of the newest checkpoint.
