@@ -118,8 +118,7 @@ def main():
             calls = int(np.sum(np.diff(editing.repaint_times(args.steps, args.jump_length, r)) < 0))
             cases.append(("replacement (RePaint r=1)" if r == 1 else f"RePaint r={r}", run, calls))
         for name, m in (models if "model" in methods else []):
-            apply = network.apply_fn(m.model)
-            fn = jax.tree_util.Partial(lambda params, x, t, cond, _apply=apply: _apply(params, x, t, cond), m.params)
+            fn = jax.tree_util.Partial(network.apply_fn(m.model), m.params)  # (x, t, cond) -> output
             labels = null_labels(m, n)
             cond = None if labels is None else {"label": jnp.asarray(labels)}
 

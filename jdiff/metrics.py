@@ -569,17 +569,12 @@ def seam_gradient(x: jax.Array, mask: jax.Array) -> jax.Array:
     image whose mask has no border).
     """
     x = jnp.asarray(x)
-    m = jnp.broadcast_to(jnp.asarray(mask, x.dtype), x.shape[:-1] + (1,))
     if x.ndim != 4:
         raise ValueError(f"x: expected images [B, H, W, C], got shape {x.shape}")
-    total = jnp.zeros(x.shape[0], x.dtype)
-    count = jnp.zeros(x.shape[0], x.dtype)
-    for axis in (1, 2):
-        n = x.shape[axis]
-        a, b = jnp.take(x, jnp.arange(n - 1), axis), jnp.take(x, jnp.arange(1, n), axis)
-        ma, mb = jnp.take(m, jnp.arange(n - 1), axis), jnp.take(m, jnp.arange(1, n), axis)
-        border = (ma != mb)[..., 0].astype(x.dtype)
-        diff = jnp.mean(jnp.abs(a - b), axis=-1)
-        total = total + jnp.sum(border * diff, axis=(1, 2))
+    m = jnp.broadcast_to(jnp.asarray(mask, x.dtype), x.shape[:-1] + (1,))
+    total = count = 0.0
+    for dx, dm in ((x[:, 1:] - x[:, :-1], m[:, 1:] != m[:, :-1]), (x[:, :, 1:] - x[:, :, :-1], m[:, :, 1:] != m[:, :, :-1])):
+        border = dm[..., 0].astype(x.dtype)  # vertical, then horizontal neighbour pairs
+        total = total + jnp.sum(border * jnp.mean(jnp.abs(dx), axis=-1), axis=(1, 2))
         count = count + jnp.sum(border, axis=(1, 2))
     return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)

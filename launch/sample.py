@@ -273,32 +273,28 @@ def main(argv):
     method = _METHOD.value or s.method
     steps = _STEPS.value if _STEPS.value is not None else s.steps
     eta = _ETA.value if _ETA.value is not None else s.eta
-    if edit is not None and edit[0] == "inpaint":
+    inpaint = edit is not None and edit[0] == "inpaint"
+    if inpaint:  # plain (sharded) sampling with the masked image and the mask as cond["image"]
         from jdiff import editing
 
         _, image, mask = edit
         mask = np.broadcast_to(mask, (_NUM.value,) + mask.shape[1:])
         cond = {k: np.asarray(v) for k, v in editing.inpaint_cond(image, mask).items()}
-        x = generate(
-            model, loaded.params, loaded.schedule, loaded.image_shape, _NUM.value, jax.random.key(_SEED.value),
-            labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
-            method=method, steps=steps, eta=eta, clip=s.clip or None,
-            variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
-        )
-        x = np.asarray(editing.paste_known(x, image, mask))  # the known pixels exactly
-    elif edit is not None:
+    if edit is not None and not inpaint:
         if edit[0] == "sdedit" and _STEPS.value is None and steps is not None:
             # The config's density of steps, over the part of the chain SDEdit runs.
             steps = max(1, round(steps * (edit[2] + 1) / cfg.diffusion.num_timesteps))
         x = _run_edit(edit, loaded, labels, cond, g, method, steps, eta, cfg)
     else:
         x = generate(
-        model, loaded.params, loaded.schedule, loaded.image_shape, _NUM.value, jax.random.key(_SEED.value),
+            model, loaded.params, loaded.schedule, loaded.image_shape, _NUM.value, jax.random.key(_SEED.value),
             labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
             method=method, steps=steps, eta=eta, clip=s.clip or None,
             variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
             sigma_data=config_lib.sigma_data_of(cfg),
         )
+    if inpaint:
+        x = np.asarray(editing.paste_known(x, image, mask))  # the known pixels exactly
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
