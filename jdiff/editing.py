@@ -90,15 +90,18 @@ def sdedit(
       **sample_kwargs: passed to :func:`jdiff.sample` (cond, hook, eta, parameterization, ...).
     Returns: the edited samples, shaped like ``x_guide``.
     """
+    samplers._check_key(key)
     t0 = _check_t0(schedule, t0)
     x_guide = _check_images("x_guide", x_guide)
     sampler = samplers._validate(method, schedule, steps, sample_kwargs.get("eta"), sample_kwargs.get("variance", "fixed_small"),
                                  sample_kwargs.get("parameterization", "eps"), spacing, None)
     times = samplers.time_sequence(schedule, steps, spacing or sampler.default_spacing, start=t0)
+    # Every argument of the sampling loop is checked before the noising below computes anything.
+    plan, _ = samplers._prepare(model_fn, schedule, tuple(x_guide.shape), method=method, timesteps=times, **sample_kwargs)
     noise_key, sample_key = jax.random.split(key)
-    alpha, sigma = schedule.alpha_sigma(jnp.asarray(times[0]))
+    alpha, sigma = schedule.alpha_sigma(jax.device_put(times[0]))
     x_t0 = alpha * x_guide + sigma * jax.random.normal(noise_key, x_guide.shape, x_guide.dtype)
-    return samplers.sample(model_fn, schedule, x_t0, sample_key, method=method, timesteps=times, **sample_kwargs)
+    return samplers._execute(plan, sample_key, x_t0)
 
 
 def repaint_times(num_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> np.ndarray:
@@ -352,6 +355,11 @@ def inpaint_cond(x_known: jax.Array, mask: jax.Array) -> dict:
     """The conditioning of a mask-channel inpainting model (GLIDE, Nichol et al. 2022, sec. 4):
     ``{"image": concat([m * x_known, m], -1)}`` for x_known [B, H, W, C] and m [B or 1, H, W, 1]
     (1 = known): the masked image, its unknown pixels 0, and the mask, C + 1 channels."""
+    x_known, m = _check_inpaint_inputs(x_known, mask)
+    return _inpaint_cond(x_known, m)
+
+
+def _check_inpaint_inputs(x_known, mask) -> tuple[jax.Array, jax.Array]:
     if not isinstance(x_known, jax.core.Tracer):
         x_known = _check_images("x_known", x_known)
     if getattr(x_known, "ndim", 0) != 4:
@@ -359,6 +367,10 @@ def inpaint_cond(x_known: jax.Array, mask: jax.Array) -> dict:
     m = _check_mask(mask, x_known)
     if m.ndim != 4 or m.shape[-1] != 1:
         raise ValueError(f"mask: expected [B or 1, H, W, 1] (one mask for all channels), got shape {tuple(m.shape)}")
+    return x_known, m
+
+
+def _inpaint_cond(x_known: jax.Array, m: jax.Array) -> dict:
     m = jnp.broadcast_to(m, x_known.shape[:-1] + (1,)).astype(x_known.dtype)
     return {"image": jnp.concatenate([x_known * m, m], axis=-1)}
 
@@ -392,10 +404,15 @@ def inpaint(
       **sample_kwargs: passed to :func:`jdiff.sample` (steps, eta, parameterization, clip, ...).
     Returns: [B, H, W, C].
     """
-    extra = inpaint_cond(x_known, mask)
+    samplers._check_key(key)
+    x_known, m = _check_inpaint_inputs(x_known, mask)
     cond = dict(cond or {})
     if "image" in cond:
         raise ValueError("cond['image']: inpaint sets it from x_known and mask; expected cond without 'image'")
-    x = samplers.sample(model_fn, schedule, tuple(x_known.shape), key, method=method, cond={**cond, **extra},
-                        **sample_kwargs)
+    # Planned with the conditioning image's shape only, so the sampler's arguments and the
+    # network's output are checked before the conditioning is computed (and compiled).
+    image = jax.ShapeDtypeStruct(tuple(x_known.shape[:-1]) + (x_known.shape[-1] + 1,), x_known.dtype)
+    plan, _ = samplers._prepare(model_fn, schedule, tuple(x_known.shape), method=method, cond={**cond, "image": image},
+                                **sample_kwargs)
+    x = samplers._execute(plan._replace(cond={**cond, **_inpaint_cond(x_known, m)}), key)
     return paste_known(x, jnp.asarray(x_known, x.dtype), mask) if paste else x

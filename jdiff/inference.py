@@ -160,6 +160,17 @@ def generate(
     """
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"num: expected a positive number of samples, got {num!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive number of samples per batch, got {batch_size!r}")
+    if (not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3
+            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in image_shape)):
+        raise ValueError(f"image_shape: expected (H, W, C) of positive ints, got {image_shape!r}")
+    image_shape = tuple(int(d) for d in image_shape)
+    w = guidance_weight
+    if isinstance(w, (int, float, np.integer, np.floating)) and not (np.isfinite(w) and w >= 0):
+        raise ValueError(f"guidance_weight: expected a finite weight >= 0, got {w!r}")
+    # The sampler's arguments before anything is placed, drawn or compiled.
+    samplers._validate(method, schedule, steps, eta, variance, parameterization, None, None, clip)
     cond = _check_cond(cond or {}, num, image_shape)
     if labels is not None:
         labels = np.asarray(labels)
@@ -196,16 +207,16 @@ def generate(
             # what it needs along the data axis with x.
             part[k] = parallel.shard_params(v, mesh)
         fn = model_fn_for(module, params, None, guidance_weight, cond=part, sigma_data=sigma_data)
+        kwargs = dict(method=method, steps=steps, eta=eta, clip=clip, variance=variance, parameterization=parameterization)
+        if b == 0:  # checked (the network's output shape too) before the first key or x_T, which compile
+            samplers._prepare(fn, schedule, (padded,) + image_shape, **kwargs)
         batch_key = jax.random.fold_in(key, b)
         # The x_T that sample() would draw from split(batch_key)[0], made here so that it is
         # born sharded; the sampler's loop then runs on the shards where x_T lives.
-        x_T = _normal(jax.random.split(batch_key)[0], (padded,) + tuple(image_shape), data)
+        x_T = _normal(jax.random.split(batch_key)[0], (padded,) + image_shape, data)
         if hasattr(schedule, "prior_std"):
             x_T = x_T * schedule.prior_std(schedule.time_range()[1])
-        x = samplers.sample(
-            fn, schedule, x_T, batch_key,
-            method=method, steps=steps, eta=eta, clip=clip, variance=variance, parameterization=parameterization,
-        )
+        x = samplers.sample(fn, schedule, x_T, batch_key, **kwargs)
         out.append(parallel.to_host(x)[: min(batch_size, num - start)])
     return np.concatenate(out)
 

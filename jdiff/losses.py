@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff import diffusion
 from jdiff.schedules import Schedule
@@ -175,6 +176,12 @@ def diffusion_loss(
       model_fn: (x_t [B, ...], t [B]) -> output [B, ..., C] (or 2C for learned variances).
       x0, noise: [B, ...]; t: [B] int in [0, T).
     """
+    if not isinstance(x0, jax.core.Tracer):
+        # Called eagerly: the timestep values, then the whole loss traced abstractly, so that a bad
+        # name, noise or model output is an error before anything is computed (and compiled).
+        diffusion.check_timesteps(schedule, t, x0)
+        jax.eval_shape(lambda x0_, t_, noise_: diffusion_loss(schedule, model_fn, x0_, t_, noise_, parameterization, weighting,
+                                                              variance, vlb_weight, **weight_kwargs), x0, t, noise)
     # Names are checked (by loss_weight and here) before the network runs or is traced.
     weight = loss_weight(schedule, t, parameterization, weighting, **weight_kwargs)
     if variance not in diffusion.VARIANCE_TYPES:
@@ -234,6 +241,6 @@ def nll_bpd(
 
     # Keys are folded in inside the body: nothing runs (or compiles) before the model's output
     # and the argument names have been checked while tracing it.
-    _, terms = jax.lax.scan(body, None, jnp.arange(schedule.num_timesteps, dtype=jnp.int32))
+    _, terms = jax.lax.scan(body, None, np.arange(schedule.num_timesteps, dtype=np.int32))
     prior = prior_bpd(schedule, x0)
     return BitsPerDim(total=prior + terms.sum(0), prior=prior, terms=terms)

@@ -132,6 +132,9 @@ def _check_gaussian(mu_name: str, mu, sigma_name: str, sigma) -> int:
         raise ValueError(f"{sigma_name}: expected a covariance of shape [{d}, {d}] (D from {mu_name}), got shape {_shape(sigma)}")
     if d == 0:
         raise ValueError(f"{mu_name}: expected D >= 1 features, got shape {_shape(mu)}")
+    if _is_concrete(mu) and not np.all(np.isfinite(np.asarray(mu, dtype=np.float64))):
+        raise ValueError(f"{mu_name}: expected a finite mean, got {int(np.sum(~np.isfinite(np.asarray(mu, np.float64))))} "
+                         f"non-finite entries of {d}")
     if _is_concrete(sigma):
         s = np.asarray(sigma, dtype=np.float64)
         scale = np.max(np.abs(s))

@@ -822,7 +822,15 @@ def _check_model_output(dynamic, static, shape, variance, time_kind, cond) -> No
 # ---------------------------------------------------------------------------
 
 
-def _validate(method, process, steps, eta, variance, parameterization, spacing, timesteps):
+def _check_clip(clip) -> None:
+    """``clip`` as :func:`jdiff.diffusion.threshold_x0` reads it, checked before tracing."""
+    if clip is None or isinstance(clip, (bool, np.bool_)) or (isinstance(clip, str) and clip == "dynamic"):
+        return
+    if not isinstance(clip, (int, float, np.integer, np.floating)) or not (np.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip: expected None, True, a positive float or 'dynamic', got {clip!r}")
+
+
+def _validate(method, process, steps, eta, variance, parameterization, spacing, timesteps, clip=None):
     if method not in _REGISTRY:
         raise ValueError(f"method: expected one of {tuple(_REGISTRY)} (jdiff.samplers.register adds more), got {method!r}")
     sampler = _REGISTRY[method]
@@ -852,6 +860,7 @@ def _validate(method, process, steps, eta, variance, parameterization, spacing, 
         raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
     if spacing is not None and timesteps is not None:
         raise ValueError("spacing: expected None when explicit timesteps are given")
+    _check_clip(clip)
     missing = [r for r in sampler.requires if not hasattr(process, r)]
     if missing:
         raise ValueError(f"method: {method!r} needs a process with {missing}, which {type(process).__name__} lacks "
@@ -935,7 +944,22 @@ def sample(
     Returns:
       The samples [B, ...], or a :class:`SampleOutput` when a per-step output is requested.
     """
-    sampler = _validate(method, schedule, steps, eta, variance, parameterization, spacing, timesteps)
+    _check_key(key)
+    plan, x_T = _prepare(model_fn, schedule, shape_or_xT, method=method, steps=steps, timesteps=timesteps, cond=cond,
+                         hook=hook, eta=eta, parameterization=parameterization, variance=variance, clip=clip,
+                         spacing=spacing, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
+                         return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)
+    return _execute(plan, key, x_T)
+
+
+def _prepare(model_fn, schedule, shape_or_xT, *, method="ddpm", steps=None, timesteps=None, cond=None, hook=None, eta=None,
+             parameterization="eps", variance="fixed_small", clip=None, spacing=None, s_churn=None, s_tmin=None,
+             s_tmax=None, s_noise=None, return_trajectory=False, return_pred_x0=False) -> tuple[_Plan, jax.Array | None]:
+    """:func:`sample`'s arguments checked (NumPy and abstract evaluation only, nothing compiled) and
+    packed: ``(plan, x_T)``. Callers that compute the starting x themselves (SDEdit's noising, a
+    sharded draw) pass the shape here, so every check runs before their own first computation,
+    then ``_execute(plan, key, x)``."""
+    sampler = _validate(method, schedule, steps, eta, variance, parameterization, spacing, timesteps, clip)
     if sampler.direction != "reverse":
         raise ValueError(f"method: {method!r} runs forwards (data -> noise); use ddim_invert or a reverse sampler")
     churn = _check_churn(sampler, method, s_churn, s_tmin, s_tmax, s_noise)
@@ -945,8 +969,7 @@ def sample(
         times = schedule.check_times(np.asarray(timesteps), "timesteps")
     opts = SamplerOptions(eta=0.0 if eta is None else float(eta), variance=variance, parameterization=parameterization, clip=clip,
                           num_steps=len(times) - 1, **churn)
-    out = _run(model_fn, schedule, shape_or_xT, key, sampler, times, opts, cond, hook, return_trajectory, return_pred_x0)
-    return out if (return_trajectory or return_pred_x0) else out.samples
+    return _plan(model_fn, schedule, shape_or_xT, sampler, times, opts, cond, hook, return_trajectory, return_pred_x0)
 
 
 def ddim_invert(
@@ -979,9 +1002,8 @@ def ddim_invert(
     else:
         times = schedule.check_times(np.asarray(timesteps), "timesteps")
     opts = SamplerOptions(parameterization=parameterization, inverse_iterations=int(iterations))
-    out = _run(model_fn, schedule, x0, jax.random.key(0), _REGISTRY["ddim_inverse"], times[::-1].copy(), opts, cond,
-               None, False, False)
-    return out.samples
+    plan, x_T = _plan(model_fn, schedule, x0, _REGISTRY["ddim_inverse"], times[::-1].copy(), opts, cond, None, False, False)
+    return _execute(plan, jax.random.key(0), x_T)
 
 
 class _LoopConfig(NamedTuple):
@@ -995,17 +1017,64 @@ class _LoopConfig(NamedTuple):
     prior_std: float = 1.0
 
 
-def _run(model_fn, process, shape_or_xT, key, sampler: Sampler, times: np.ndarray, opts: SamplerOptions, cond, hook,
-         return_trajectory, return_pred_x0) -> SampleOutput:
+class _Plan(NamedTuple):
+    """The checked, packed arguments of one sampling loop (everything but the key and x_T)."""
+
+    dynamic: list
+    static: Any
+    hook_dyn: list
+    hook_static: Any
+    process: Any
+    xs: tuple
+    cond: Any
+    config: _LoopConfig
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_start(shape_or_xT) -> tuple[tuple[int, ...], jax.Array | None]:
+    """(shape, x_T or None) of ``shape_or_xT``: a shape of positive ints, or a float array."""
     if isinstance(shape_or_xT, (tuple, list)):
-        shape, x_T = tuple(int(s) for s in shape_or_xT), None
-    else:
-        x_T = jnp.asarray(shape_or_xT)
-        shape = tuple(x_T.shape)
-    if len(shape) < 1 or shape[0] < 1:
-        raise ValueError(f"shape_or_xT: expected a shape (B, ...) with B >= 1 or an array, got {shape}")
+        if not shape_or_xT or not all(_is_int(s) and s >= 1 for s in shape_or_xT):
+            raise ValueError(f"shape_or_xT: expected a shape (B, ...) with B >= 1 or an array, got {tuple(shape_or_xT)!r}")
+        return tuple(int(s) for s in shape_or_xT), None
+    dtype = shape_or_xT.dtype if hasattr(shape_or_xT, "dtype") else np.asarray(shape_or_xT).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"shape_or_xT: expected a shape (B, ...) or a float array x [B, ...], got dtype {dtype}")
+    x_T = shape_or_xT if isinstance(shape_or_xT, jax.Array) else jax.device_put(np.asarray(shape_or_xT))
+    if x_T.ndim < 1 or x_T.shape[0] < 1:
+        raise ValueError(f"shape_or_xT: expected a shape (B, ...) with B >= 1 or an array, got {tuple(x_T.shape)}")
+    return tuple(x_T.shape), x_T
+
+
+def _check_cond_batch(cond, batch: int) -> None:
+    """Every array of ``cond`` is one entry per example (leading dimension B) or a scalar."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(cond)[0]:
+        shape = tuple(np.shape(leaf))
+        if shape and shape[0] != batch:
+            raise ValueError(f"cond{jax.tree_util.keystr(path)}: expected a leading batch dimension of {batch} (like x_t) "
+                             f"or a scalar, got shape {shape}")
+
+
+def _check_key(key) -> None:
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and np.ndim(key) == 0:
+        return
+    if dtype == np.uint32 and np.ndim(key) == 1:  # a raw key from jax.random.PRNGKey
+        return
+    shown = f"dtype {dtype} shape {tuple(np.shape(key))}" if dtype is not None else repr(key)
+    raise ValueError(f"key: expected one PRNG key (jax.random.key(seed)), got {shown}")
+
+
+def _plan(model_fn, process, shape_or_xT, sampler: Sampler, times: np.ndarray, opts: SamplerOptions, cond, hook,
+          return_trajectory, return_pred_x0) -> tuple[_Plan, jax.Array | None]:
+    shape, x_T = _check_start(shape_or_xT)
     if hook is not None and not callable(hook):
         raise ValueError(f"hook: expected a callable hook(x, info) -> x, got {type(hook).__name__}")
+    if cond is not None:
+        _check_cond_batch(cond, shape[0])
     times = np.asarray(times)
     t_from, t_to = times[:-1], times[1:]
     if np.any(t_from == t_to):
@@ -1031,9 +1100,21 @@ def _run(model_fn, process, shape_or_xT, key, sampler: Sampler, times: np.ndarra
     prior_std = float(process.prior_std(times[0])) if hasattr(process, "prior_std") else 1.0
     config = _LoopConfig(sampler, opts, bool(return_trajectory), bool(return_pred_x0), shape, bool(np.any(forward)), cond is not None,
                          prior_std)
-    xs = (jnp.arange(n, dtype=jnp.int32), jnp.asarray(t_from), jnp.asarray(t_to), jnp.asarray(fresh), jnp.asarray(forward),
-          jnp.asarray(last))
-    return _sample_jit(dynamic, static, hook_dyn, hook_static, process, x_T, key, xs, cond, config)
+    # device_put, not jnp.asarray (which stages NumPy arrays through a small compiled program):
+    # nothing may compile before the loop is traced, which can still raise.
+    xs = tuple(jax.device_put(a) for a in (np.arange(n, dtype=np.int32), t_from, t_to, fresh, forward, last))
+    return _Plan(dynamic, static, hook_dyn, hook_static, process, xs, cond, config), x_T
+
+
+def _execute(plan: _Plan, key: jax.Array, x_T: jax.Array | None = None) -> jax.Array | SampleOutput:
+    """Run a checked plan from ``x_T`` (None: drawn from ``key``): the samples, or a
+    :class:`SampleOutput` when the plan asks for per-step outputs."""
+    _check_key(key)
+    if x_T is not None and tuple(np.shape(x_T)) != plan.config.shape:
+        raise ValueError(f"x_T: expected shape {plan.config.shape} (the planned shape), got {tuple(np.shape(x_T))}")
+    p = plan
+    out = _sample_jit(p.dynamic, p.static, p.hook_dyn, p.hook_static, p.process, x_T, key, p.xs, p.cond, p.config)
+    return out if (p.config.return_trajectory or p.config.return_pred_x0) else out.samples
 
 
 def _full_variance(res: StepResult, x: jax.Array) -> StepResult:

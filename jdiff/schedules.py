@@ -143,7 +143,9 @@ def from_betas(betas: Sequence[float] | np.ndarray, timesteps: Sequence[int] | n
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
     # beta_tilde_0 = 0; the log is clipped with beta_tilde_1 (T == 1 has nothing better).
     post_logvar = np.log(np.append(post_var[1], post_var[1:]) if T > 1 else np.maximum(post_var, 1e-20))
-    f32 = lambda a: jnp.asarray(a, dtype=jnp.float32)  # noqa: E731
+    # Cast in NumPy and placed with device_put: building a schedule compiles nothing, so errors
+    # found after it (a bad config, a bad sampler argument) still come before any compilation.
+    f32 = lambda a: jax.device_put(np.asarray(a, dtype=np.float32))  # noqa: E731
     return Schedule(
         betas=f32(betas),
         alphas_cumprod=f32(ac),
@@ -157,7 +159,7 @@ def from_betas(betas: Sequence[float] | np.ndarray, timesteps: Sequence[int] | n
         posterior_log_variance_clipped=f32(post_logvar),
         posterior_mean_coef1=f32(betas * np.sqrt(ac_prev) / (1.0 - ac)),
         posterior_mean_coef2=f32((1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)),
-        timesteps=jnp.asarray(timesteps, dtype=jnp.int32),
+        timesteps=jax.device_put(np.asarray(timesteps, dtype=np.int32)),
     )
 
 

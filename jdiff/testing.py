@@ -248,6 +248,6 @@ def gaussian_mixture(weights, means, stds, event_shape: tuple[int, ...] | None =
     else:
         s = s.reshape(w.shape[0], D)
     if np.any(s <= 0):
-        raise ValueError("stds: expected positive standard deviations")
+        raise ValueError(f"stds: expected positive standard deviations, got min {s.min()}")
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     return GaussianMixture(weights=f32(w / w.sum()), means=f32(m), stds=f32(s), event_shape=event_shape)

@@ -41,6 +41,7 @@ def main(argv):
         raise app.UsageError(f"--num: expected a positive number of samples, got {_NUM.value}")
     if not np.isfinite(_GUIDANCE.value) or _GUIDANCE.value < 0:
         raise app.UsageError(f"--guidance: expected a finite weight >= 0, got {_GUIDANCE.value}")
+    common.load_workdir_config(_WORKDIR.value)  # a training workdir, checked before anything is loaded
     loaded = load_for_sampling(_WORKDIR.value)
     result = evaluate_loaded(
         loaded, _NUM.value, jax.random.key(_SEED.value), guidance_weight=_GUIDANCE.value,

@@ -41,11 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jdiff import images, parallel
+from jdiff import images, parallel, samplers
 from jdiff.inference import balanced_labels, generate
 from jdiff.train import config as config_lib
 from jdiff.train import network
-from jdiff.workdir import load_config, load_for_sampling
+from jdiff.workdir import load_for_sampling
 from launch import common
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
@@ -82,17 +82,24 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes) (default: JAX_PROCESS_ID).")
 
 
+def _read_png(path: str, mode: str, flag: str) -> np.ndarray:
+    """The image at ``path`` converted to PIL ``mode``, as float32 [H, W(, C)] in [0, 255]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode), np.float32)
+    except OSError as e:  # PIL.UnidentifiedImageError and truncated or unreadable files
+        raise app.UsageError(f"{flag}: cannot read {path!r} as a PNG image ({e}); expected a readable .png file") from None
+
+
 def load_cond_image(path: str, num: int, channels: int, flag: str = "--cond_image") -> np.ndarray:
     """``--cond_image`` (or another image ``flag``) as [1 or num, h, w, channels] float32 in
     [-1, 1] (NumPy only, so it runs before jax.distributed is initialised)."""
     if not os.path.exists(path):
         raise app.UsageError(f"{flag}: {path!r} does not exist")
     if path.endswith(".png"):
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            x = np.asarray(im, np.float32) / 127.5 - 1.0
+        x = _read_png(path, "L" if channels == 1 else "RGB", flag) / 127.5 - 1.0
         x = x[..., None] if x.ndim == 2 else x
     elif path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as npz:
@@ -144,10 +151,7 @@ def _load_mask(shape, flag: str) -> np.ndarray:
     if _MASK.value.endswith(".png"):  # white = known
         if not os.path.exists(_MASK.value):
             raise app.UsageError(f"--mask: {_MASK.value!r} does not exist")
-        from PIL import Image
-
-        with Image.open(_MASK.value) as im:
-            mask = (np.asarray(im.convert("L"), np.float32) > 127).astype(np.float32)[None, ..., None]
+        mask = (_read_png(_MASK.value, "L", "--mask") > 127).astype(np.float32)[None, ..., None]
     else:
         mask = load_cond_image(_MASK.value, _NUM.value, 1, "--mask")
     if mask.shape[1:3] != shape[:2] or not np.all((mask == 0) | (mask == 1)):
@@ -216,6 +220,26 @@ def _run_edit(edit, loaded, labels, cond, g, method, steps, eta, cfg) -> np.ndar
     return np.clip(np.asarray(x), -1.0, 1.0)
 
 
+def _check_sampler_flags(cfg, edit) -> None:
+    """--method, --steps and --eta against the sampler registry and the workdir's
+    config, before any checkpoint is read (the library would say the same, but only later)."""
+    if _METHOD.value is not None and _METHOD.value not in samplers.available():
+        raise app.UsageError(f"--method: expected a registered sampler, one of {samplers.available()}, got {_METHOD.value!r}")
+    steps = _STEPS.value
+    if steps is not None:
+        if cfg.diffusion.get("process", "vp") == "vp":
+            if edit is not None and edit[0] == "sdedit":
+                top, what = edit[2] + 1, f"the timesteps up to --t0={edit[2]}"
+            else:
+                top, what = int(cfg.diffusion.num_timesteps), "config.diffusion.num_timesteps of the workdir"
+            if not 1 <= steps <= top:
+                raise app.UsageError(f"--steps: expected an int in [1, {top}] ({what}), got {steps}")
+        elif steps < 1:
+            raise app.UsageError(f"--steps: expected a positive number of steps, got {steps}")
+    if _ETA.value is not None and not (np.isfinite(_ETA.value) and _ETA.value >= 0):
+        raise app.UsageError(f"--eta: expected a finite float >= 0, got {_ETA.value}")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -233,10 +257,11 @@ def main(argv):
     if _NULL_LABEL.value and g:
         raise app.UsageError(f"--guidance: {g} guides towards labels, but --null_label samples the null class; expected 0")
     # The flags are checked against the workdir's config before any checkpoint is read.
-    cfg = load_config(_WORKDIR.value)
+    cfg = common.load_workdir_config(_WORKDIR.value)
     model = network.build_model(cfg)
     num_classes = getattr(model, "num_classes", None)
     edit = _check_edit_flags(cfg, model)
+    _check_sampler_flags(cfg, edit)
     labels = None
     if _LABEL.value:
         if num_classes is None:

@@ -129,6 +129,15 @@ def _worker(out):
         for x in jax.tree.leaves(state)
     ]
 
+    # 8 devices (FSDP) -> a 4x2 mesh: params split over its data axis of 4, replicated over
+    # the second axis of 2.
+    mesh42 = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), (parallel.DATA_AXIS, "model"))
+    state, leaves = restore_host(fsdp8, mesh42, fsdp=True)
+    np.savez(os.path.join(out, "fsdp8_on_4x2.npz"), *leaves)
+    results["fsdp8_on_4x2"] = [{"spec": str(x.sharding.spec), "devices": len(x.sharding.device_set),
+                                "shards": len({str(s.index) for s in x.addressable_shards})} for x in jax.tree.leaves(state)]
+    done("restored the 8-device checkpoint on 1, 4 and 4x2 devices")
+
     # Sampling. float32, as users run it: 1 device here, 8 devices through launch.sample.
     a = SAMPLE_ARGS
 
@@ -343,6 +352,16 @@ def test_checkpoint_from_8_devices_restores_on_1(runs):
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(state))
     for a, b in zip(_npz_leaves(os.path.join(out, "fsdp8_state.npz")), leaves):
         np.testing.assert_array_equal(b, a)
+
+
+def test_checkpoint_from_8_devices_restores_on_a_4x2_mesh(runs):
+    out, results = runs
+    for a, b in zip(_npz_leaves(os.path.join(out, "fsdp8_state.npz")), _npz_leaves(os.path.join(out, "fsdp8_on_4x2.npz"))):
+        np.testing.assert_array_equal(b, a)
+    placed = results["fsdp8_on_4x2"]
+    assert all(p["devices"] == 8 for p in placed)
+    split = [p for p in placed if "data" in p["spec"]]
+    assert len(split) >= 20 and all(p["shards"] == 4 for p in split)  # 4 distinct shards, each on 2 devices
 
 
 def test_checkpoint_from_1_device_restores_on_4(runs, reference):

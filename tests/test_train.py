@@ -178,7 +178,7 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(trained, tmp_path):
     for root, _, files in os.walk(newest):
         for f in files:
             p = os.path.join(root, f)
-            if os.path.getsize(p) > 64 and "METADATA" not in f:
+            if os.path.getsize(p) > 64 and os.sep + "d" + os.sep in p:  # the array data files
                 with open(p, "r+b") as fh:
                     fh.truncate(16)
     c = tiny_config()
@@ -272,50 +272,7 @@ def test_launch_sample_rejects_bad_flags(trained, tmp_path, cli_env):
         assert not os.path.exists(tmp_path / "x.png")
 
 
-@pytest.mark.slow
-def test_sigkill_midway_then_resume_is_bit_identical(tmp_path, cli_env):
-    """SIGKILL (then SIGTERM) a real `launch.train` process after its second checkpoint, run the
-    same command again, and compare the final params with an uninterrupted run's."""
-    import signal
-    import time
-
-    args = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--config.train.num_steps=40",
-            "--config.train.checkpoint_every=5", "--config.sample.num=4"]
-    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    run = lambda wd: subprocess.run([sys.executable, "-m", "launch.train", *args, "--workdir", wd],  # noqa: E731
-                                    cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=600)
-    assert run(full).returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "launch.train", *args, "--workdir", killed],
-                            cwd=ROOT, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not os.path.isdir(os.path.join(killed, "checkpoints", "10")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    steps = Checkpointer(killed).steps()
-    assert steps and steps[-1] < 40, steps
-    assert run(killed).returncode == 0
-    for a, b in zip(jax.tree.leaves(_params(full, 40)), jax.tree.leaves(_params(killed, 40))):
-        np.testing.assert_array_equal(a, b)
-
-    # SIGTERM (a preemption notice): the process saves the step it is at and exits 0; the same
-    # command resumes from exactly there to the uninterrupted result.
-    termed = str(tmp_path / "termed")
-    proc = subprocess.Popen([sys.executable, "-m", "launch.train", *args, "--workdir", termed],
-                            cwd=ROOT, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not os.path.isdir(os.path.join(termed, "checkpoints", "10")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    stopped = json.loads(out[out.index("{"):])
-    assert stopped["preempted"] and 10 <= stopped["step"] < 40, stopped
-    assert Checkpointer(termed).steps()[-1] == stopped["step"]  # saved where it stopped, not at the last multiple of 5
-    assert not os.path.exists(os.path.join(termed, "samples.png"))
-    assert run(termed).returncode == 0
-    for a, b in zip(jax.tree.leaves(_params(full, 40)), jax.tree.leaves(_params(termed, 40))):
-        np.testing.assert_array_equal(a, b)
+# The kill tests (SIGKILL at random moments and during saves, SIGTERM) are in test_reliability.py.
 
 
 # --------------------------------------------------------------------------- any module, frozen parts

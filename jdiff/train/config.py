@@ -81,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
     c.optim.ema_decay = 0.9999
     c.optim.ema_warmup = False
+    # Steps with non-finite gradients (NaN/inf) skipped in a row before training stops
+    # (optax.apply_if_finite: a skipped step leaves params and optimizer state as they were).
+    # 0: stop at the first, naming the step; no checkpoint is written after it either way.
+    c.optim.skip_nonfinite = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 800000
@@ -186,6 +190,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     w = config.optim.warmup_steps
     if isinstance(w, bool) or not isinstance(w, int) or w < 0:
         raise ValueError(f"config.optim.warmup_steps: expected an int >= 0, got {w!r}")
+    v = config.optim.ema_decay
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"config.optim.ema_decay: expected a decay in [0, 1], got {v!r}")
+    if d.process == "vp":
+        v = d.num_timesteps
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.diffusion.num_timesteps: expected a positive int, got {v!r}")
+    v = config.optim.skip_nonfinite
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"config.optim.skip_nonfinite: expected an int >= 0 (steps skipped in a row), got {v!r}")
     for name in ("batch_size",):
         v = config.data[name]
         if not isinstance(v, int) or v < 1:

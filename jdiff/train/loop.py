@@ -111,11 +111,11 @@ def _check_sampling(config: ml_collections.ConfigDict, model, dataset, schedule)
     learned = config.diffusion.variance in ("learned", "learned_range")
     zeros = _zero_output_with_variance if learned else _zero_output
     try:
-        jax.eval_shape(
-            lambda x, k: samplers.sample(zeros, schedule, x, k, method=s.method, steps=s.steps, eta=s.eta,
-                                         clip=s.clip or None, variance=config.diffusion.variance,
-                                         parameterization=config.diffusion.parameterization),
-            jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape), jnp.float32), jax.random.key(0),
+        jax.eval_shape(  # the key is made while tracing: nothing runs or compiles
+            lambda x: samplers.sample(zeros, schedule, x, jax.random.key(0), method=s.method, steps=s.steps, eta=s.eta,
+                                      clip=s.clip or None, variance=config.diffusion.variance,
+                                      parameterization=config.diffusion.parameterization),
+            jax.ShapeDtypeStruct((1,) + tuple(dataset.image_shape), jnp.float32),
         )
     except ValueError as e:
         raise ValueError(f"config.sample (method={s.method!r}, steps={s.steps}, eta={s.eta}): {e}") from None
@@ -225,11 +225,11 @@ def train_and_evaluate(
     model = build_model(config)
     schedule = config_lib.make_schedule(config)
     transform = network.make_transform(config)
-    validate_run(config, model, dataset, schedule, transform)
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    ckpt.check_experiment(config)
-
+    ckpt.check_experiment(config)  # reads files only
     optimizer = make_optimizer(config.optim)
+    validate_run(config, model, dataset, schedule, transform)
+
     trainable = config.train.trainable
     init_key, state_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
     example_cond = network.example_batch(model, dataset.image_shape, transform)["cond"]
@@ -279,20 +279,36 @@ def train_and_evaluate(
     last_good = start
     t0, steps_timed = time.perf_counter(), 0
 
+    skip_limit = int(config.optim.get("skip_nonfinite", 0))
+    skipped_in_a_row, skipped_total = 0, 0
+
     def flush():
-        """Pull pending metrics to the host, fail on a non-finite loss, log means."""
-        nonlocal pending, t0, steps_timed
+        """Pull pending metrics to the host, fail on a non-finite loss (or on more skipped steps
+        in a row than ``optim.skip_nonfinite`` allows), log means over the finite steps."""
+        nonlocal pending, t0, steps_timed, skipped_in_a_row, skipped_total
         if not pending:
             return None
         host = jax.device_get([m for _, m in pending])
+        finite = []
         for (s, _), m in zip(pending, host):
-            if not all(math.isfinite(float(v)) for v in m.values()):
-                preempted.restore()
+            if all(math.isfinite(float(v)) for v in m.values()):
+                finite.append(m)
+                skipped_in_a_row = 0
+                continue
+            skipped_in_a_row += 1
+            skipped_total += 1
+            if skipped_in_a_row > skip_limit:
                 raise NonFiniteLossError(
-                    f"non-finite training metrics at step {s}: {m}. Training stopped; the last checkpoint "
-                    f"(step {last_good}) is untouched. Lower optim.lr or check the data."
+                    f"non-finite training metrics at step {s}: {m}"
+                    + (f" ({skipped_in_a_row} steps in a row, config.optim.skip_nonfinite={skip_limit})" if skip_limit else "")
+                    + f". Training stopped; the last checkpoint (step {last_good}) is untouched. Lower optim.lr, check "
+                    "the data, or set config.optim.skip_nonfinite to skip such steps"
                 )
-        mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+            logging.warning("step %d: non-finite gradients, update skipped (%d in a row, %d in all)", s,
+                            skipped_in_a_row, skipped_total)
+        mean = {k: float(np.mean([m[k] for m in finite])) if finite else float("nan") for k in host[0]}
+        if skip_limit:
+            mean["skipped_steps"] = skipped_total
         dt = time.perf_counter() - t0
         mean["steps_per_sec"] = steps_timed / dt if dt > 0 else float("nan")
         step = pending[-1][0]
@@ -301,49 +317,52 @@ def train_and_evaluate(
         return step, mean
 
     preempted = _PreemptionNotice()
-    for step in range(start, tc.num_steps):
-        batch = data_lib.batch_at(
-            dataset.source, step, batch_size=config.data.batch_size, seed=config.seed,
-            random_flip=config.data.random_flip, process_index=jax.process_index(), process_count=jax.process_count(),
-        )
-        batch = network.step_batch(batch, model)
-        state, metrics = train_step(state, parallel.global_batch(batch, mesh))
-        pending.append((step + 1, metrics))
-        steps_timed += 1
-        if bar is not None:
-            bar.update(1)
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.num_steps:
-            logged = flush()
-            if logged and writer:
-                log.write(*logged)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{logged[1]['loss']:.4f}")
-                else:
-                    logging.info("step %d: %s", logged[0], logged[1])
-        if done % tc.checkpoint_every == 0 or done == tc.num_steps:
-            logged = flush()  # never save a state whose losses were not checked
-            if logged and writer:
-                log.write(*logged)
-            ckpt.save(state)
-            last_good = done
-        if preempted(done) and done != tc.num_steps:
-            # A preemption notice (SIGTERM): save this step, skip samples and evaluation, and
-            # return; the same command resumes from exactly here.
-            logged = flush()
-            if logged and writer:
-                log.write(*logged)
-            if done % tc.checkpoint_every:
-                ckpt.save(state)
+    try:
+        for step in range(start, tc.num_steps):
+            batch = data_lib.batch_at(
+                dataset.source, step, batch_size=config.data.batch_size, seed=config.seed,
+                random_flip=config.data.random_flip, process_index=jax.process_index(), process_count=jax.process_count(),
+            )
+            batch = network.step_batch(batch, model)
+            state, metrics = train_step(state, parallel.global_batch(batch, mesh))
+            pending.append((step + 1, metrics))
+            steps_timed += 1
             if bar is not None:
-                bar.close()
-            ckpt.close()
-            preempted.restore()
-            logging.warning("preempted (SIGTERM): saved step %d in %s; run the same command to resume", done, workdir)
-            return {"step": done, "preempted": True}
-        if tc.sample_every and done % tc.sample_every == 0 and done != tc.num_steps:
-            _write_samples(config, model, state, schedule, dataset, sample_key, os.path.join(workdir, f"samples_{done}.png"), mesh)
-    preempted.restore()
+                bar.update(1)
+            done = step + 1
+            if done % tc.log_every == 0 or done == tc.num_steps:
+                logged = flush()
+                if logged and writer:
+                    log.write(*logged)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{logged[1]['loss']:.4f}")
+                    else:
+                        logging.info("step %d: %s", logged[0], logged[1])
+            if done % tc.checkpoint_every == 0 or done == tc.num_steps:
+                logged = flush()  # never save a state whose losses were not checked
+                if logged and writer:
+                    log.write(*logged)
+                ckpt.save(state)
+                last_good = done
+            if preempted(done) and done != tc.num_steps:
+                # A preemption notice (SIGTERM): save this step, skip samples and evaluation, and
+                # return; the same command resumes from exactly here.
+                logged = flush()
+                if logged and writer:
+                    log.write(*logged)
+                if done % tc.checkpoint_every:
+                    ckpt.save(state)
+                if bar is not None:
+                    bar.close()
+                ckpt.close()
+                preempted.restore()
+                logging.warning("preempted (SIGTERM): saved step %d in %s; run the same command to resume", done, workdir)
+                return {"step": done, "preempted": True}
+            if tc.sample_every and done % tc.sample_every == 0 and done != tc.num_steps:
+                _write_samples(config, model, state, schedule, dataset, sample_key, os.path.join(workdir, f"samples_{done}.png"), mesh)
+    finally:
+        preempted.restore()
+        ckpt.wait()  # a save in flight finishes, whatever ends the loop
     if bar is not None:
         bar.close()
 

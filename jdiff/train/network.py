@@ -57,18 +57,19 @@ def example_cond(module, image_shape: tuple[int, int, int], batch_size: int = 1)
     """Zeros of every conditioning kind ``module``'s fields ask for (label, image, context,
     aug_level), with a leading ``batch_size``; what init needs when no data batch is at hand."""
     h, w, _ = image_shape
+    # NumPy zeros: building an example compiles nothing (the loop checks a config with them first).
     cond: dict[str, Any] = {}
     if class_conditional(module):
-        cond["label"] = jnp.zeros((batch_size,), jnp.int32)
+        cond["label"] = np.zeros((batch_size,), np.int32)
     image_channels = getattr(module, "image_channels", 0) or 0
     if image_channels:
-        cond["image"] = jnp.zeros((batch_size, h, w, image_channels), jnp.float32)
+        cond["image"] = np.zeros((batch_size, h, w, image_channels), np.float32)
     context_dim = getattr(module, "context_dim", None)
     if context_dim:
-        cond["context"] = jnp.zeros((batch_size, 1, context_dim), jnp.float32)
-        cond["context_mask"] = jnp.ones((batch_size, 1), bool)
+        cond["context"] = np.zeros((batch_size, 1, context_dim), np.float32)
+        cond["context_mask"] = np.ones((batch_size, 1), bool)
     if getattr(module, "aug_level_embedding", False):
-        cond["aug_level"] = jnp.zeros((batch_size,), jnp.float32)
+        cond["aug_level"] = np.zeros((batch_size,), np.float32)
     return cond
 
 
@@ -77,7 +78,7 @@ def example_batch(module, image_shape: tuple[int, int, int], transform: Callable
     """A one-example train-step batch shaped like the real ones (labels, then ``transform``).
     With ``fill``, kinds the module needs that neither provides are added as zeros (so init
     works; a training batch without them still fails in the network, with its own message)."""
-    data = {"image": jnp.zeros((1,) + tuple(image_shape), jnp.float32), "label": jnp.zeros((1,), jnp.int32)}
+    data = {"image": np.zeros((1,) + tuple(image_shape), np.float32), "label": np.zeros((1,), np.int32)}
     batch = step_batch(data, module)
     if transform is not None:
         batch = transform(batch, jax.random.key(0))

@@ -115,7 +115,8 @@ def learning_rate(optim) -> optax.Schedule:
 
 def make_optimizer(optim) -> optax.GradientTransformation:
     """optax chain from the config's ``optim`` section: global-norm clipping, then Adam(W)
-    with a linear warm-up to ``lr`` (DDPM: Adam, lr 2e-4, warm-up 5000, clip 1.0).
+    with a linear warm-up to ``lr`` (DDPM: Adam, lr 2e-4, warm-up 5000, clip 1.0), wrapped in
+    ``optax.apply_if_finite`` when ``skip_nonfinite`` > 0.
 
     It is applied to the trainable params only (:class:`TrainState`), so its state never
     covers frozen params.
@@ -132,7 +133,13 @@ def make_optimizer(optim) -> optax.GradientTransformation:
     chain = [opt]
     if optim.grad_clip:
         chain.insert(0, optax.clip_by_global_norm(optim.grad_clip))
-    return optax.chain(*chain)
+    tx = optax.chain(*chain)
+    skip = optim.get("skip_nonfinite", 0)
+    if skip:
+        # A step whose gradients are not finite updates nothing (at most ``skip`` in a row; the
+        # training loop stops before the next one would be applied).
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=int(skip))
+    return tx
 
 
 def create_train_state(
