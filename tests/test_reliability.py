@@ -477,10 +477,12 @@ def test_sigkill_during_saves_20_times_leaves_only_finished_steps(tmp_path):
                     proc.send_signal(signal.SIGKILL)
                     break
         proc.wait(timeout=60)
-        for line in proc.stdout:  # what it printed before dying
+        for line in proc.stdout:  # what it printed before dying (it may have got further than read so far)
             kind, step = line.split()
             if kind == "saved":
                 finished = int(step)
+            elif kind == "saving":
+                saving = int(step)
         ck = Checkpointer(workdir)
         steps = ck.steps()
         assert steps[-1] in (finished, saving), (trial, steps, finished, saving)
