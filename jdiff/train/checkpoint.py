@@ -250,8 +250,7 @@ class Checkpointer:
         corrupt; in each case nothing is deleted.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        self.wait()
-        candidates = self._candidates()
+        candidates = self._candidates()  # steps() waits for this process's saves in flight
         for step in reversed(candidates):
             code, local, state, detail = self._try(step, abstract)
             if code == _OK:
@@ -297,40 +296,32 @@ class Checkpointer:
         ``(outcome, what is wrong, naming the file)``."""
         root = os.path.join(self.directory, str(step))
         try:
-            if not os.path.isdir(root) or not any(files for _, _, files in os.walk(root)):
+            present = [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
+            if not present:
                 return _CORRUPT, f"its directory {root} is empty"
             if not os.path.exists(os.path.join(root, _COMMIT)):
                 return _CORRUPT, f"it has no commit marker {os.path.join(root, _COMMIT)} (the save did not finish)"
-            listing = os.path.join(root, _FILES)
-            if os.path.exists(listing):
-                try:
-                    with open(listing) as f:
-                        sizes = json.load(f)
-                except ValueError as e:
-                    return _CORRUPT, f"file {listing} is not valid JSON ({e})"
-                for rel, size in sorted(sizes.items()):
-                    p = os.path.join(root, rel)
-                    if not os.path.exists(p):
-                        return _CORRUPT, f"file {p} is missing"
-                    if os.path.getsize(p) != size:
-                        return _CORRUPT, f"file {p} has {os.path.getsize(p)} bytes, {size} were written"
-            for d, _, files in os.walk(root):  # every byte once: an I/O error shows here, on every process alike
-                for f in files:
-                    with open(os.path.join(d, f), "rb") as fh:
-                        while fh.read(_CHUNK):
-                            pass
-            for rel in _JSON_FILES:
+            parsed = {}
+            for rel in (_FILES,) + _JSON_FILES:
                 p = os.path.join(root, rel)
                 if os.path.exists(p):
                     try:
                         with open(p) as f:
-                            json.load(f)
+                            parsed[rel] = json.load(f)
                     except ValueError as e:
                         return _CORRUPT, f"file {p} is not valid JSON ({e})"
-            with open(os.path.join(root, "_CHECKPOINT_METADATA")) as f:
-                recorded = (json.load(f).get("custom_metadata") or {}).get("jdiff", {}).get("prng_impl")
-        except FileNotFoundError:
-            recorded = None  # no step metadata: nothing recorded to compare
+            for rel, size in sorted(parsed.get(_FILES, {}).items()):
+                p = os.path.join(root, rel)
+                if not os.path.exists(p):
+                    return _CORRUPT, f"file {p} is missing"
+                if os.path.getsize(p) != size:
+                    return _CORRUPT, f"file {p} has {os.path.getsize(p)} bytes, {size} were written"
+            for p in present:  # every byte once: an I/O error shows here, on every process alike
+                with open(p, "rb") as fh:
+                    while fh.read(_CHUNK):
+                        pass
+            step_meta = parsed.get("_CHECKPOINT_METADATA", {})
+            recorded = (step_meta.get("custom_metadata") or {}).get("jdiff", {}).get("prng_impl")
         except OSError as e:
             return (_TRANSIENT if is_transient(e) else _CORRUPT), f"{type(e).__name__}: {e}"
         if recorded is not None and recorded != _prng_impl():
