@@ -10,6 +10,8 @@ only, so the pipe costs nothing. Commands:
   {"cmd": "sample", "method": "ddpm"|"ddim"|"dpmpp", "steps": n, "guidance": w}
                                                    -> {"seconds": s}
   {"cmd": "train", "steps": k}                    -> {"seconds": s}
+  {"cmd": "matmul", "n": n, "reps": r}           -> {"gflops": best float32 n x n matmul rate}
+  {"cmd": "rss"}                                   -> {"max_rss_mib": this process's peak RSS}
   {"cmd": "quit"}
 
 Sampling is the standard diffusers host loop, as in their pipelines: ``set_timesteps``, then per
@@ -90,6 +92,19 @@ def main() -> None:
             dt = time.perf_counter() - t0
             unet.eval()
             reply({"seconds": dt})
+        elif cmd == "matmul":
+            n = int(msg["n"])
+            a, b = torch.randn(n, n), torch.randn(n, n)
+            best = float("inf")
+            for _ in range(int(msg["reps"])):
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                best = min(best, time.perf_counter() - t0)
+            reply({"gflops": 2 * n**3 / best / 1e9})
+        elif cmd == "rss":
+            import resource
+
+            reply({"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         else:
             reply({"error": f"unknown command {cmd!r}"})
 

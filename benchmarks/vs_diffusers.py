@@ -24,33 +24,33 @@ guidance scale 3). Training (examples/s): jdiff's jitted train step (Adam, clipp
 against diffusers' standard step (``add_noise``, MSE, ``backward``, ``AdamW.step``).
 torch runs with ``torch.set_num_threads(--threads)`` (default 2, the machine's cores).
 
-jdiff runs twice: on one XLA CPU device (what a default process does), and with the batch
-sharded over ``os.cpu_count()`` CPU devices (``--xla_force_host_platform_device_count``, set by
-this script before jax is imported; params replicated, x_T / labels / the training batch split
-on the batch axis with ``jdiff.parallel``'s mesh and shardings, the same jdiff calls). XLA:CPU runs the small
-convolutions of these networks on one core however many it has; one device per core is how
-JAX uses the second core here.
+jdiff runs with its defaults and on one device. Defaults: the script starts with the one line
+``jdiff.parallel.use_cpu_cores()`` (one XLA CPU device per core, as every ``launch`` command
+does), then makes plain calls: ``jdiff.sample`` splits the batch over the devices by itself
+(``jdiff.parallel.auto_batch_sharding``), and the train step runs on the mesh ``launch.train``
+would choose for the network (``launch.common.configure_devices``: all cores for digits8 and
+rgb16, one device for tiny8, whose step is too small to gain). "1 device": the same calls with
+the params and inputs committed to device 0, what a process without ``use_cpu_cores`` does.
+XLA:CPU runs the small convolutions of these networks on about one core per device; one device
+per core is how JAX uses the others.
 """
 
 from __future__ import annotations
 
 import os
 
-# Before jax is imported: expose the cores as separate XLA CPU devices, so that the
-# "2 CPU devices" cases can shard the batch over them (data parallel). Arrays that are not
-# sharded stay on device 0, which runs exactly as in a default process.
-_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}={os.cpu_count()}".strip()
+import jdiff  # noqa: E402  (imports jax; nothing runs on a device yet)
+
+jdiff.parallel.use_cpu_cores()  # the one line: one XLA CPU device per core, before JAX starts
 
 import json
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 
-import jdiff
 from benchmarks import common
 from jdiff import parallel
 from jdiff.models.layers import norm_groups
@@ -108,16 +108,20 @@ class TorchWorker:
 
 
 def _placements(net: common.Net) -> dict:
-    """How the jdiff cases place their data: ``jdiff`` on the default device (one XLA CPU
-    device, as in a default process) and ``jdiff<N>dev`` with the batch split over all N CPU
-    devices and the params replicated (``jdiff.parallel.make_mesh`` / ``data_sharding`` /
-    ``replicated``, as ``launch.train`` and ``generate`` do)."""
-    out = {"jdiff": (None, None)}
+    """How each jdiff column places its data, ``{prefix: (sample, train)}``, each a pair
+    (batch sharding, params sharding): ``jdiff`` the defaults (sampling: plain uncommitted arrays,
+    which ``jdiff.sample`` splits over the CPU devices itself; training: the mesh
+    ``launch.train`` would choose, ``launch.common.configure_devices``), ``jdiff1dev`` everything
+    committed to device 0."""
+    from launch.common import MIN_WORK_PER_DEVICE, training_work
+
     n = len(jax.devices())
-    if n > 1 and net.batch % n == 0:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    train = (one, one)
+    if n > 1 and net.batch % n == 0 and training_work(net.config, net.image_shape) / n >= MIN_WORK_PER_DEVICE:
         mesh = parallel.make_mesh()
-        out[f"jdiff{n}dev"] = (parallel.data_sharding(mesh), parallel.replicated(mesh))
-    return out
+        train = (parallel.data_sharding(mesh), parallel.replicated(mesh))
+    return {"jdiff": ((None, None), train), "jdiff1dev": ((one, one), (one, one))}
 
 
 def _cases(net: common.Net, worker: TorchWorker, train_steps: int) -> dict:
@@ -134,7 +138,7 @@ def _cases(net: common.Net, worker: TorchWorker, train_steps: int) -> dict:
     for guided in (False, True):
         for jname, wname, steps in METHODS:
             tag = f"{wname}{steps}" + ("_cfg" if guided else "")
-            for prefix, (shard, repl) in placements.items():
+            for prefix, ((shard, repl), _) in placements.items():
                 fn = model_fn_for(net.model, put(net.params, repl), put(net.labels, shard), W if guided else 0.0)
                 xT = put(x_T, shard)
 
@@ -149,7 +153,7 @@ def _cases(net: common.Net, worker: TorchWorker, train_steps: int) -> dict:
             cases[f"diffusers_{tag}"] = torch_case
 
     train_step = jax.jit(make_train_step(_apply_fn(net.model), net.schedule, optimizer, net.config), donate_argnums=0)
-    for prefix, (shard, repl) in placements.items():
+    for prefix, (_, (shard, repl)) in placements.items():
         # The state gets its own params and key: the step donates them, and create_train_state
         # keeps the key's buffer (key_data), so donating it would delete the caller's key.
         holder = [put(create_train_state(jax.tree.map(jnp.copy, net.params), optimizer, jax.random.key(1)), repl)]
@@ -175,6 +179,45 @@ def _row(times: dict, prefixes: list, label: str, tag: str, per_rep: int) -> lis
     return r + [common.paired_ratio(tt, times[f"{p}_{tag}"]) for p in prefixes]
 
 
+def _matmul_gflops(n: int = 1024, reps: int = 5) -> float:
+    """The best float32 n x n matmul rate of one XLA CPU device (the reference for its kernels)."""
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n)), jax.devices()[0])
+    mm = jax.jit(jnp.matmul)
+    common.block(mm(a, a))
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        common.block(mm(a, a))
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def _forward_flops(net: common.Net) -> float:
+    """XLA's count of the floating-point operations of one network call on the batch."""
+    x = jnp.zeros(net.shape)
+    t = jnp.zeros((net.batch,), jnp.int32)
+    f = jax.jit(lambda p, x, t: common._apply(net.model, p, x, t, net.labels))
+    cost = f.lower(net.params, x, t).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def _flops_section(net: common.Net, times: dict, worker_gflops: float, threads: int, train_steps: int) -> str:
+    """What fraction of its own matmul rate each side's network reaches (DDIM-50, training)."""
+    fwd = _forward_flops(net)
+    xla = _matmul_gflops()
+    rows = []
+    for label, tag, flops in (("DDIM 50 steps", "ddim50", 50 * fwd), ("training step", "train", 3 * fwd * train_steps)):
+        for prefix, name, peak in (("jdiff", "jdiff, defaults", xla * len(jax.devices())), ("jdiff1dev", "jdiff, 1 device", xla),
+                                   ("diffusers", f"diffusers ({threads} threads)", worker_gflops)):
+            rate = flops / common.median(times[f"{prefix}_{tag}"]) / 1e9
+            rows.append([label, name, rate, peak, rate / peak])
+    return (f"Network FLOP/s: {fwd / 1e9:.2f} GFLOP per call on the batch (XLA's count; a training step counted "
+            f"as 3 calls). Reference: a float32 1024x1024 matmul, {xla:.1f} GFLOP/s on one XLA CPU device "
+            f"(x the device count for the defaults), {worker_gflops:.1f} GFLOP/s in torch.\n\n"
+            + common.markdown_table(["workload", "side", "network GFLOP/s", "matmul GFLOP/s", "fraction"], rows))
+
+
 def run(nets, reps: int, torch_python: str, threads: int, train_steps: int) -> tuple[str, dict]:
     info = common.machine_info()
     sections, raw = [], {"machine": info, "nets": {}}
@@ -187,9 +230,11 @@ def run(nets, reps: int, torch_python: str, threads: int, train_steps: int) -> t
                                 threads=threads, seed=0)
             print(f"{name}: jdiff {net.num_params:,} params, diffusers {setup['params']:,} params; {setup}", flush=True)
             times = common.interleaved(_cases(net, worker, train_steps), reps=reps, warmup=1)
+            worker_gflops = float(worker.call(cmd="matmul", n=1024, reps=5)["gflops"])
         finally:
             worker.close()
-        prefixes = list(_placements(net))
+        placements = _placements(net)
+        prefixes = list(placements)
         rows = []
 
         for guided in (False, True):
@@ -198,14 +243,17 @@ def run(nets, reps: int, torch_python: str, threads: int, train_steps: int) -> t
                 rows.append(_row(times, prefixes, f"{label} {steps} steps" + (f", CFG w={W:g}" if guided else ""),
                                  f"{wname}{steps}" + ("_cfg" if guided else ""), net.batch))
         rows.append(_row(times, prefixes, f"training step (examples/s), {train_steps} steps per repetition", "train", net.batch * train_steps))
-        names = {"jdiff": "jdiff, 1 device"} | {p: f"jdiff, {len(jax.devices())} CPU devices" for p in prefixes[1:]}
+        train_devices = len(placements["jdiff"][1][0].device_set)
+        names = {"jdiff": "jdiff, defaults", "jdiff1dev": "jdiff, 1 device"}
         columns = (["workload"] + [f"{names[p]} /s" for p in prefixes] + ["diffusers /s"]
                    + [f"speed-up, {names[p]} (x)" for p in prefixes])
         sections.append(
             f"**{name}**: image {'x'.join(map(str, net.image_shape))}, batch {net.batch}; jdiff U-Net {net.num_params:,} params, "
             f"diffusers UNet2DModel {setup['params']:,} params (`{json.dumps(kwargs)}`); torch {setup['torch']} with "
-            f"{setup['threads']} intra-op threads ({setup['interop_threads']} inter-op), diffusers {setup['diffusers']}.\n\n"
+            f"{setup['threads']} intra-op threads ({setup['interop_threads']} inter-op), diffusers {setup['diffusers']}. "
+            f"jdiff defaults: sampling split over {len(jax.devices())} CPU devices, training on {train_devices}.\n\n"
             + common.markdown_table(columns, rows)
+            + "\n\n" + _flops_section(net, times, worker_gflops, threads, train_steps)
         )
         raw["nets"][name] = {"network": net.describe(), "diffusers": {"kwargs": kwargs, **setup}, "times": times}
     cmd = ("python -m benchmarks.vs_diffusers " + " ".join(sys.argv[1:])).strip()

@@ -941,6 +941,11 @@ def sample(
         ``karras`` for Heun, ``uniform`` otherwise).
       return_trajectory / return_pred_x0: also return x after every step / the x_0 predictions.
 
+    Placement: arrays the caller placed (committed to a device, or sharded) decide where the loop
+    runs. Otherwise, in a process with several CPU devices (:func:`jdiff.parallel.use_cpu_cores`),
+    the batch is split over them (:func:`jdiff.parallel.auto_batch_sharding`; same samples to
+    float rounding); else it runs on the default device.
+
     Returns:
       The samples [B, ...], or a :class:`SampleOutput` when a per-step output is requested.
     """
@@ -1015,6 +1020,7 @@ class _LoopConfig(NamedTuple):
     has_forward_jumps: bool
     has_cond: bool
     prior_std: float = 1.0
+    sharding: Any = None  # of x and the samples (jdiff.parallel.auto_batch_sharding), or None
 
 
 class _Plan(NamedTuple):
@@ -1113,6 +1119,11 @@ def _execute(plan: _Plan, key: jax.Array, x_T: jax.Array | None = None) -> jax.A
     if x_T is not None and tuple(np.shape(x_T)) != plan.config.shape:
         raise ValueError(f"x_T: expected shape {plan.config.shape} (the planned shape), got {tuple(np.shape(x_T))}")
     p = plan
+    from jdiff import parallel  # jdiff.parallel does not import the samplers; keep it that way
+
+    sharding = parallel.auto_batch_sharding(p.config.shape[0], p.dynamic, p.hook_dyn, p.cond, p.xs, x_T)
+    if sharding is not None:
+        p = p._replace(config=p.config._replace(sharding=sharding))
     out = _sample_jit(p.dynamic, p.static, p.hook_dyn, p.hook_static, p.process, x_T, key, p.xs, p.cond, p.config)
     return out if (p.config.return_trajectory or p.config.return_pred_x0) else out.samples
 
@@ -1129,6 +1140,8 @@ def _sample_impl(dynamic, static, hook_dyn, hook_static, process, x_T, key, xs, 
     opts = c.options
     init_key, loop_key = jax.random.split(key)
     x = jax.random.normal(init_key, c.shape, jnp.float32) * c.prior_std if x_T is None else x_T
+    if c.sharding is not None:  # split the batch over the CPU devices (jdiff.parallel.use_cpu_cores)
+        x = jax.lax.with_sharding_constraint(x, c.sharding)
     B = c.shape[0]
 
     def denoise(x_, time) -> Prediction:

@@ -1,4 +1,5 @@
-"""What every command line shares: quiet logging by default, flag errors that name the flag.
+"""What every command line shares: quiet logging by default, flag errors that name the flag, and
+the speed defaults of a CPU host (one XLA device per core, the persistent compilation cache).
 
 A command prints its progress bar, its results, warnings and errors; the INFO lines of absl, JAX
 (backend probing) and orbax (every checkpoint phase and read rate) stay out of the terminal.
@@ -8,12 +9,29 @@ writes a log file at INFO (or the given ``--verbosity``) while stderr keeps warn
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
+
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", None,
+    "XLA CPU devices to create on a CPU host, the batch split over them (default: one per core when it "
+    "helps, see launch/common.py; set XLA_FLAGS=--xla_force_host_platform_device_count=N to pin it).")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.environ.get("JDIFF_COMPILATION_CACHE", os.path.join("~", ".cache", "jdiff", "xla")),
+    "Directory of JAX's persistent compilation cache (default $JDIFF_COMPILATION_CACHE or ~/.cache/jdiff/xla); "
+    "'' turns it off.")
+
+#: Below this estimate of the work of one training step per device (params x pixels x
+#: examples, :func:`training_work`), the batch is not split over CPU devices: for configs/tiny.py
+#: (45K params, 8x8, batch 16: 2.3e7 per device on 2) splitting halves the step rate, for
+#: configs/digits.py (703K params, 8x8, batch 64: 1.4e9 per device on 2) it speeds it up 1.6x
+#: (BENCHMARKS.md, "One XLA CPU device per core"). The threshold sits between the two.
+MIN_WORK_PER_DEVICE = 2.5e8
 
 #: absl verbosity of the terminal unless --verbosity / -v is given: warnings and errors only.
 DEFAULT_VERBOSITY = -1
@@ -63,3 +81,61 @@ def load_workdir_config(workdir: str):
     except ValueError as e:
         message = str(e)
         raise app.UsageError("--" + message if message.startswith("workdir: ") else f"--workdir: {workdir!r}: {message}") from None
+
+
+def training_work(config, image_shape) -> float:
+    """A size of one training step: the network's parameter count x pixels x batch (proportional
+    to a convolutional network's FLOPs). Abstract evaluation only: starts no JAX backend."""
+    import jax
+
+    from jdiff.train import network
+
+    model = network.build_model(config)
+    shapes = jax.eval_shape(lambda: network.init_params(model, tuple(image_shape), jax.random.key(0)))
+    params = sum(int(x.size) for x in jax.tree.leaves(shapes))
+    return float(params) * image_shape[0] * image_shape[1] * config.data.batch_size
+
+
+def configure_devices(config=None, image_shape=None) -> int:
+    """One XLA CPU device per core on a CPU host (``jdiff.parallel.use_cpu_cores``), before JAX
+    starts: ``launch`` splits every batch over them. ``--cpu_devices=N`` sets the count. With a
+    training ``config`` (and its ``image_shape``) the default is 1 when the batch does not
+    divide or a step is too small to gain (:data:`MIN_WORK_PER_DEVICE`). Nothing changes on a
+    GPU or TPU host, or when XLA_FLAGS already gives a device count. Returns the CPU device
+    count asked for."""
+    from jdiff import parallel
+
+    n = _CPU_DEVICES.value
+    if n is not None and n < 1:
+        raise app.UsageError(f"--cpu_devices: expected a positive device count, got {n}")
+    if n is None:
+        n = parallel.cpu_cores()
+        if config is not None and n > 1:
+            batch = config.data.batch_size
+            if batch % n or training_work(config, image_shape) / n < MIN_WORK_PER_DEVICE:
+                n = 1
+    try:
+        return parallel.use_cpu_cores(n)
+    except RuntimeError as e:  # something started JAX first: run as it is, and say so
+        logging.warning("%s; running on the devices JAX has", e)
+        import jax
+
+        return len(jax.devices("cpu"))
+
+
+def configure_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache in ``--compilation_cache`` (every compiled
+    program, whatever its compile time): a second run of the same command loads its executables
+    instead of compiling them (BENCHMARKS.md: the train step's one-off cost 8.4 s -> 2.3 s).
+    Returns the directory, or None when turned off."""
+    import jax
+
+    path = _COMPILATION_CACHE.value
+    if not path:
+        return None
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

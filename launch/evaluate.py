@@ -42,6 +42,8 @@ def main(argv):
     if not np.isfinite(_GUIDANCE.value) or _GUIDANCE.value < 0:
         raise app.UsageError(f"--guidance: expected a finite weight >= 0, got {_GUIDANCE.value}")
     common.load_workdir_config(_WORKDIR.value)  # a training workdir, checked before anything is loaded
+    common.configure_devices()  # one XLA CPU device per core: the samples are split over them
+    common.configure_compilation_cache()
     loaded = load_for_sampling(_WORKDIR.value)
     result = evaluate_loaded(
         loaded, _NUM.value, jax.random.key(_SEED.value), guidance_weight=_GUIDANCE.value,

@@ -289,6 +289,8 @@ def main(argv):
     if _COND_IMAGE.value and not image_channels:
         raise app.UsageError("--cond_image: this model takes no image conditioning (config.model.image_channels=0)")
     cond_image = load_cond_image(_COND_IMAGE.value, _NUM.value, image_channels) if _COND_IMAGE.value else None
+    common.configure_devices()  # one XLA CPU device per core: the rows are split over them
+    common.configure_compilation_cache()
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     mesh = parallel.make_mesh()
     loaded = load_for_sampling(_WORKDIR.value, mesh)

@@ -13,6 +13,10 @@ many hosts: start one process per host with --coordinator=HOST:PORT --num_proces
 --process_id=I (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or
 --coordinator=auto on a Cloud TPU pod, Slurm or Open MPI). See launch/local_multiprocess.py
 and launch/tpu_pod.sh.
+
+On a CPU host it trains on one XLA device per core, the batch split over them, when the step is
+large enough to gain (--cpu_devices, launch/common.py), and keeps compiled programs in the
+persistent compilation cache (--compilation_cache).
 """
 
 import json
@@ -21,6 +25,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from jdiff import data as data_lib
 from jdiff import parallel
 from jdiff.train.loop import train_and_evaluate
 from launch import common
@@ -40,9 +45,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.configure_logging()
-    # Before anything touches a device: jax.distributed must connect the processes first.
+    config = _CONFIG.value
+    # Before anything touches a device: the CPU device count, then jax.distributed.
+    common.configure_devices(config, data_lib.get_dataset(config.data).image_shape)
+    common.configure_compilation_cache()
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value, mesh=parallel.make_mesh(_NUM_DEVICES.value),
+    metrics = train_and_evaluate(config, _WORKDIR.value, mesh=parallel.make_mesh(_NUM_DEVICES.value),
                                  fsdp=_FSDP.value)
     if jax.process_index() == 0:
         print(json.dumps(metrics, indent=1))

@@ -21,6 +21,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.configure_logging()
+    common.configure_compilation_cache()
     print(json.dumps(train_classifier(_CONFIG.value, _WORKDIR.value), indent=1))
 
 

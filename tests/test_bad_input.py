@@ -391,6 +391,8 @@ CLI_CASES = [
             r"--steps: expected an int in \[1, 20\] \(config.diffusion.num_timesteps of the workdir\), got 21"),
     CliCase("train-unknown-config-key", ["launch.train", "--config", "configs/tiny.py", "--workdir", "{o}", "--config.model.widht=3"],
             r"--config.model.widht: unknown config key 'widht'; expected a key of the --config file", out="new_workdir"),
+    CliCase("train-cpu-devices-0", ["launch.train", "--config", "configs/tiny.py", "--workdir", "{o}", "--cpu_devices", "0"],
+            r"--cpu_devices: expected a positive device count, got 0"),
     CliCase("evaluate-not-a-workdir", ["launch.evaluate", "--workdir", "{d}", "--num", "4"],
             r"--workdir: '.*' has no config.json; expected a directory written by launch.train", out="m.json"),
 ]

@@ -256,6 +256,39 @@ def test_norm_groups_adapt_to_small_channel_counts():
         layers.norm_groups(0)
 
 
+def test_group_norm_matches_the_equation_and_flax_and_its_gradients_match_flax():
+    """layers.GroupNorm (per-channel moments, then a group sum) against the float64 transcription
+    of Wu & He's eq. 1-3 on activations with a large mean and small spread (where a one-pass
+    E[x^2] - E[x]^2 variance loses digits), and against flax.linen.GroupNorm: outputs, and the
+    gradients of the params and input (the same params tree, so checkpoints load in both)."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    x = (5.0 + 0.05 * rng.standard_normal((3, 4, 5, 16))).astype(np.float32)
+    p = {"scale": rng.normal(1.0, 0.3, 16).astype(np.float32), "bias": rng.normal(0.0, 0.3, 16).astype(np.float32)}
+    gn = layers.group_norm(16, jnp.float32)
+    assert gn.num_groups == np_groups(16) == 8
+    out = gn.apply({"params": p}, x)
+    # float32 x near 5 has an ulp of 4.8e-7; divided by the spread 0.05 that is ~1e-5 of the
+    # normalised output, the accuracy any float32 GroupNorm of this input can have (flax's: 2.0e-5).
+    exact = np_group_norm(x.astype(np.float64), p)
+    np.testing.assert_allclose(out, exact, rtol=0, atol=2e-5)
+    ref = nn.GroupNorm(num_groups=8, epsilon=1e-6, use_fast_variance=False)
+    assert jax.tree.map(np.shape, ref.init(jax.random.key(0), x)["params"]) == jax.tree.map(np.shape, p)
+    np.testing.assert_allclose(out, ref.apply({"params": p}, x), rtol=0, atol=4e-5)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(3.0 * m.apply({"params": p}, x)))
+    g_new, g_ref = jax.grad(loss(gn), (0, 1))(p, x), jax.grad(loss(ref), (0, 1))(p, x)
+    for a, b in zip(jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+    # Any rank [B, *spatial, C] (tokens [B, L, C]), float32 statistics with a bfloat16 output.
+    tokens = x.reshape(3, 20, 16)
+    np.testing.assert_allclose(gn.apply({"params": p}, tokens), out.reshape(3, 20, 16), rtol=0, atol=1e-6)
+    half = layers.group_norm(16, jnp.bfloat16).apply({"params": p}, x.astype(jnp.bfloat16))
+    assert half.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"num_groups: expected a divisor of the channel count 16, got 5"):
+        layers.GroupNorm(num_groups=5).init(jax.random.key(0), x)
+
+
 @pytest.mark.parametrize(
     "scale_shift, resample, c_in, c_out",
     [(False, None, 8, 16), (True, None, 16, 16), (True, "down", 8, 8), (False, "up", 16, 8)],

@@ -461,3 +461,34 @@ def test_local_launcher_sets_the_environment_and_fails_if_any_process_fails():
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_use_cpu_cores_then_a_plain_sample_splits_its_batch_with_the_same_samples(tmp_path):
+    """``jdiff.parallel.use_cpu_cores(2)`` in a fresh process, then plain ``jdiff.sample`` calls:
+    a batch of 8 runs split over the 2 CPU devices, a batch of 7 (not divisible) and a call
+    whose params the caller committed to device 0 on one; the split samples equal the one-device
+    ones to float32 rounding of the network (relative 1e-5: a wrong key or row order moves
+    them by O(1)). tests/workers/cpu_cores.py."""
+    env = _env(1)
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # no device count: use_cpu_cores sets it
+    out = tmp_path / "cpu_cores.json"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "cpu_cores.py"), str(out)], cwd=ROOT,
+                   env=env, check=True, timeout=TIMEOUT)
+    results = json.loads(out.read_text())
+    assert results["use_cpu_cores"] == 2 and results["devices"] == 2 and results["second_call"] == 2
+    for name, case in results["cases"].items():
+        batch = int(name.split("_")[1])
+        assert case["split_devices"] == (2 if batch % 2 == 0 else 1), (name, case)
+        assert case["ref_devices"] == 1 and case["finite"] and case["std"] > 0.1, (name, case)
+        assert case["max_abs_diff"] <= 1e-5 * case["max_abs"], (name, case)
+
+
+def test_use_cpu_cores_after_jax_started_names_the_fix(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    jax.devices()  # this process's backend is up with one CPU device
+    assert parallel.use_cpu_cores(1) == 1  # the count it has: nothing to change
+    with pytest.raises(RuntimeError, match=r"already started with 1 CPU device.*before anything runs on a device"):
+        parallel.use_cpu_cores(2)
+    with pytest.raises(ValueError, match=r"num_devices: expected a positive int, got 0"):
+        parallel.use_cpu_cores(0)
+    assert parallel.auto_batch_sharding(8) is None  # one device: nothing to split
