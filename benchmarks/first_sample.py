@@ -43,8 +43,7 @@ def _child(task: str, cache: str) -> None:
     import jax
 
     if cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jdiff.parallel.use_compilation_cache(cache)  # as launch/ does by default
     from benchmarks.vs_diffusers import _placements
 
     net = common.make_net("digits8")

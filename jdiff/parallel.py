@@ -38,6 +38,7 @@ __all__ = [
     "initialize_distributed",
     "cpu_cores",
     "use_cpu_cores",
+    "use_compilation_cache",
     "auto_batch_sharding",
 ]
 
@@ -69,7 +70,8 @@ def use_cpu_cores(num_devices: int | None = None) -> int:
     XLA:CPU runs a U-Net's convolutions on about one core per device, so on a CPU-only host a
     default process uses one of its cores. With one device per core, :func:`jdiff.sample`
     (and :func:`auto_batch_sharding`) split a batch over them and ``launch.train``'s mesh
-    trains data-parallel: 1.6-1.8x the throughput on 2 cores (BENCHMARKS.md). The one line
+    trains data-parallel: on 2 cores digits8 samples at 1.9-2.3x and trains at 1.3x the one-device
+    rate (BENCHMARKS.md). The one line
     for library users, first thing in the program::
 
         jdiff.parallel.use_cpu_cores()
@@ -108,6 +110,18 @@ def use_cpu_cores(num_devices: int | None = None) -> int:
         return have
     jax.config.update("jax_num_cpu_devices", int(num_devices))
     return int(num_devices)
+
+
+def use_compilation_cache(path: str) -> str:
+    """Keep every program JAX compiles in the persistent compilation cache at ``path`` (created if
+    missing; ``~`` expanded), whatever its compile time or size, so a new process with the same
+    programs loads their executables instead of compiling them. Returns the absolute path."""
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def auto_batch_sharding(batch: int, *trees: Any) -> NamedSharding | None:

@@ -29,8 +29,8 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 #: Below this estimate of the work of one training step per device (params x pixels x
 #: examples, :func:`training_work`), the batch is not split over CPU devices: for configs/tiny.py
 #: (45K params, 8x8, batch 16: 2.3e7 per device on 2) splitting halves the step rate, for
-#: configs/digits.py (703K params, 8x8, batch 64: 1.4e9 per device on 2) it speeds it up 1.6x
-#: (BENCHMARKS.md, "One XLA CPU device per core"). The threshold sits between the two.
+#: configs/digits.py (703K params, 8x8, batch 64: 1.4e9 per device on 2) it speeds it up 1.3x
+#: (BENCHMARKS.md, "jdiff vs PyTorch diffusers"). The threshold sits between the two.
 MIN_WORK_PER_DEVICE = 2.5e8
 
 #: absl verbosity of the terminal unless --verbosity / -v is given: warnings and errors only.
@@ -128,14 +128,7 @@ def configure_compilation_cache() -> str | None:
     program, whatever its compile time): a second run of the same command loads its executables
     instead of compiling them (BENCHMARKS.md: the train step's one-off cost 8.4 s -> 2.3 s).
     Returns the directory, or None when turned off."""
-    import jax
+    from jdiff import parallel
 
     path = _COMPILATION_CACHE.value
-    if not path:
-        return None
-    path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+    return parallel.use_compilation_cache(path) if path else None
