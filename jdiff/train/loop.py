@@ -44,6 +44,9 @@ from jdiff.train.state import TrainState, create_train_state, make_optimizer, ov
 from jdiff.train.step import make_train_step
 from jdiff.workdir import Loaded, load_config, load_params
 
+# Training steps queued on the devices ahead of the host (see the loop).
+MAX_STEPS_IN_FLIGHT = 2
+
 __all__ = ["NonFiniteLossError", "build_model", "init_params", "train_and_evaluate", "validate_run"]
 
 
@@ -326,6 +329,12 @@ def train_and_evaluate(
             batch = network.step_batch(batch, model)
             state, metrics = train_step(state, parallel.global_batch(batch, mesh))
             pending.append((step + 1, metrics))
+            if len(pending) > MAX_STEPS_IN_FLIGHT:
+                # Bounded async dispatch: wait for an earlier step before queueing more. With
+                # several XLA CPU devices in one process, a deep queue of steps has deadlocked in
+                # the gradient all-reduce's rendezvous (RELIABILITY.md); two in flight keep the
+                # devices busy (no measurable cost in step time).
+                jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT][1])
             steps_timed += 1
             if bar is not None:
                 bar.update(1)
