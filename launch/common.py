@@ -1,5 +1,6 @@
 """What every command line shares: quiet logging by default, flag errors that name the flag, and
-the speed defaults of a CPU host (one XLA device per core, the persistent compilation cache).
+the speed defaults of a CPU host (one XLA device per core, freed host memory kept in the
+process, the persistent compilation cache).
 
 A command prints its progress bar, its results, warnings and errors; the INFO lines of absl, JAX
 (backend probing) and orbax (every checkpoint phase and read rate) stay out of the terminal.
@@ -97,8 +98,9 @@ def training_work(config, image_shape) -> float:
 
 
 def configure_devices(config=None, image_shape=None) -> int:
-    """One XLA CPU device per core on a CPU host (``jdiff.parallel.use_cpu_cores``), before JAX
-    starts: ``launch`` splits every batch over them. ``--cpu_devices=N`` sets the count. With a
+    """One XLA CPU device per core on a CPU host (``jdiff.parallel.use_cpu_cores``, which also
+    keeps freed host memory mapped: ``retain_host_memory``), before JAX starts: ``launch``
+    splits every batch over them. ``--cpu_devices=N`` sets the count. With a
     training ``config`` (and its ``image_shape``) the default is 1 when the batch does not
     divide or a step is too small to gain (:data:`MIN_WORK_PER_DEVICE`). Nothing changes on a
     GPU or TPU host, or when XLA_FLAGS already gives a device count. Returns the CPU device

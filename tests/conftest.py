@@ -1,6 +1,48 @@
-"""Shared test setup. jdiff's math is tested in float32, the dtype users train in; the
-references the tests compare against are float64 NumPy, so x64 stays off for JAX."""
+"""Shared test setup.
 
-import jax
+jdiff's math is tested in float32, the dtype users train in; the references the tests compare
+against are float64 NumPy, so x64 stays off for JAX.
+
+One persistent compilation cache per test run, shared by the pytest process, its xdist workers
+and every subprocess they start (``launch`` commands read ``$JDIFF_COMPILATION_CACHE``, everything
+else ``$JAX_COMPILATION_CACHE_DIR``): many tests compile the same programs (the tiny config's
+train step, its samplers) from fresh closures or fresh processes, and a hit costs a file read
+instead of an XLA compile. The run starts with an empty cache, as CI does, so what a test
+computes never depends on an earlier run; a ``JAX_COMPILATION_CACHE_DIR`` already set wins.
+The time it saves is in BENCHMARKS.md ("The test suite's wall time").
+
+With pytest-xdist (the README's command, ``-n 2 --dist loadfile``) each file runs in one worker,
+so its module-scoped fixtures are built once; the files that take longest are sent first.
+"""
+
+import os
+import shutil
+import tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # before JAX reads its config from the environment
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jdiff-test-xla-")
+    os.environ["JDIFF_TEST_OWNS_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JDIFF_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+#: Files sent to the xdist workers first, longest first (seconds on 2 cores, 2026-12-03: the
+#: multi-device subprocesses of test_parallel ~150, test_train ~130, test_reliability ~90, ...),
+#: so that no long file starts last and runs alone at the end.
+LONGEST_FIRST = ("test_parallel.py", "test_train.py", "test_reliability.py", "test_bad_input.py",
+                 "test_classifier_training.py", "test_inpainting.py", "test_samplers.py", "test_models.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
+def pytest_unconfigure(config):
+    owned = os.environ.get("JDIFF_TEST_OWNS_CACHE")
+    if owned and not hasattr(config, "workerinput"):  # the controller (or a plain run) removes it
+        shutil.rmtree(owned, ignore_errors=True)
