@@ -21,7 +21,8 @@ Sampling (images/s): DDPM with 100 steps (jdiff's respaced chain; diffusers' DDP
 with ``set_timesteps(100)``), DDIM eta = 0 with 50 steps, and DPM-Solver++(2M) with 20 steps
 (``DPMSolverMultistepScheduler``), each without and with guidance (w = 2, diffusers'
 guidance scale 3). Training (examples/s): jdiff's jitted train step (Adam, clipping, EMA)
-against diffusers' standard step (``add_noise``, MSE, ``backward``, ``AdamW.step``).
+against diffusers' standard step (``add_noise``, MSE, ``backward``, ``AdamW.step``), jdiff's
+steps dispatched as ``launch.train``'s loop does (at most ``MAX_STEPS_IN_FLIGHT`` queued).
 torch runs with ``torch.set_num_threads(--threads)`` (default 2, the machine's cores).
 
 jdiff runs with its defaults and on one device. Defaults: the script starts with the one line
@@ -55,6 +56,7 @@ from benchmarks import common
 from jdiff import parallel
 from jdiff.models.layers import norm_groups
 from jdiff.inference import model_fn_for
+from jdiff.train.loop import MAX_STEPS_IN_FLIGHT
 from jdiff.train.network import apply_fn as _apply_fn
 from jdiff.train.state import create_train_state, make_optimizer
 from jdiff.train.step import make_train_step
@@ -124,7 +126,7 @@ def _placements(net: common.Net) -> dict:
     return {"jdiff": ((None, None), train), "jdiff1dev": ((one, one), (one, one))}
 
 
-def _cases(net: common.Net, worker: TorchWorker, train_steps: int) -> dict:
+def _cases(net: common.Net, worker: TorchWorker, train_steps: int, workloads=("sample", "train")) -> dict:
     key = jax.random.key(0)
     cases = {}
     placements = _placements(net)
@@ -135,7 +137,7 @@ def _cases(net: common.Net, worker: TorchWorker, train_steps: int) -> dict:
     def put(tree, sharding):
         return tree if sharding is None else jax.device_put(tree, sharding)
 
-    for guided in (False, True):
+    for guided in (False, True) if "sample" in workloads else ():
         for jname, wname, steps in METHODS:
             tag = f"{wname}{steps}" + ("_cfg" if guided else "")
             for prefix, ((shard, repl), _) in placements.items():
@@ -153,21 +155,25 @@ def _cases(net: common.Net, worker: TorchWorker, train_steps: int) -> dict:
             cases[f"diffusers_{tag}"] = torch_case
 
     train_step = jax.jit(make_train_step(_apply_fn(net.model), net.schedule, optimizer, net.config), donate_argnums=0)
-    for prefix, (_, (shard, repl)) in placements.items():
+    for prefix, (_, (shard, repl)) in placements.items() if "train" in workloads else ():
         # The state gets its own params and key: the step donates them, and create_train_state
         # keeps the key's buffer (key_data), so donating it would delete the caller's key.
         holder = [put(create_train_state(jax.tree.map(jnp.copy, net.params), optimizer, jax.random.key(1)), repl)]
         b = put(batch, shard)
 
         def jdiff_train(holder=holder, b=b):
-            state = holder[0]
+            state, pending = holder[0], []
             for _ in range(train_steps):
                 state, metrics = train_step(state, b)
+                pending.append(metrics)
+                if len(pending) > MAX_STEPS_IN_FLIGHT:  # the training loop's bounded dispatch
+                    jax.block_until_ready(pending[-1 - MAX_STEPS_IN_FLIGHT])
             holder[0] = state
             return common.block((state, metrics))
 
         cases[f"{prefix}_train"] = jdiff_train
-    cases["diffusers_train"] = lambda: float(worker.call(cmd="train", steps=train_steps)["seconds"])
+    if "train" in workloads:
+        cases["diffusers_train"] = lambda: float(worker.call(cmd="train", steps=train_steps)["seconds"])
     return cases
 
 
@@ -208,6 +214,8 @@ def _flops_section(net: common.Net, times: dict, worker_gflops: float, threads: 
     xla = _matmul_gflops()
     rows = []
     for label, tag, flops in (("DDIM 50 steps", "ddim50", 50 * fwd), ("training step", "train", 3 * fwd * train_steps)):
+        if f"diffusers_{tag}" not in times:
+            continue
         for prefix, name, peak in (("jdiff", "jdiff, defaults", xla * len(jax.devices())), ("jdiff1dev", "jdiff, 1 device", xla),
                                    ("diffusers", f"diffusers ({threads} threads)", worker_gflops)):
             rate = flops / common.median(times[f"{prefix}_{tag}"]) / 1e9
@@ -218,7 +226,7 @@ def _flops_section(net: common.Net, times: dict, worker_gflops: float, threads: 
             + common.markdown_table(["workload", "side", "network GFLOP/s", "matmul GFLOP/s", "fraction"], rows))
 
 
-def run(nets, reps: int, torch_python: str, threads: int, train_steps: int) -> tuple[str, dict]:
+def run(nets, reps: int, torch_python: str, threads: int, train_steps: int, workloads=("sample", "train")) -> tuple[str, dict]:
     info = common.machine_info()
     sections, raw = [], {"machine": info, "nets": {}}
     for name in nets:
@@ -229,7 +237,7 @@ def run(nets, reps: int, torch_python: str, threads: int, train_steps: int) -> t
             setup = worker.call(cmd="setup", image_shape=list(net.image_shape), batch=net.batch, unet=kwargs,
                                 threads=threads, seed=0)
             print(f"{name}: jdiff {net.num_params:,} params, diffusers {setup['params']:,} params; {setup}", flush=True)
-            times = common.interleaved(_cases(net, worker, train_steps), reps=reps, warmup=1)
+            times = common.interleaved(_cases(net, worker, train_steps, workloads), reps=reps, warmup=1)
             worker_gflops = float(worker.call(cmd="matmul", n=1024, reps=5)["gflops"])
         finally:
             worker.close()
@@ -237,12 +245,14 @@ def run(nets, reps: int, torch_python: str, threads: int, train_steps: int) -> t
         prefixes = list(placements)
         rows = []
 
-        for guided in (False, True):
+        for guided in (False, True) if "sample" in workloads else ():
             for jname, wname, steps in METHODS:
                 label = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp": "DPM-Solver++(2M)"}[wname]
                 rows.append(_row(times, prefixes, f"{label} {steps} steps" + (f", CFG w={W:g}" if guided else ""),
                                  f"{wname}{steps}" + ("_cfg" if guided else ""), net.batch))
-        rows.append(_row(times, prefixes, f"training step (examples/s), {train_steps} steps per repetition", "train", net.batch * train_steps))
+        if "train" in workloads:
+            rows.append(_row(times, prefixes, f"training step (examples/s), {train_steps} steps per repetition", "train",
+                             net.batch * train_steps))
         train_devices = len(placements["jdiff"][1][0].device_set)
         names = {"jdiff": "jdiff, defaults", "jdiff1dev": "jdiff, 1 device"}
         columns = (["workload"] + [f"{names[p]} /s" for p in prefixes] + ["diffusers /s"]
@@ -267,11 +277,13 @@ def main(argv=None) -> None:
     p.add_argument("--nets", nargs="+", default=["digits8"], choices=common.NETWORKS)
     p.add_argument("--torch-python", default=DEFAULT_TORCH_PYTHON, help="python of a virtualenv with torch and diffusers")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--train-steps", type=int, default=5, help="training steps per repetition")
+    p.add_argument("--train-steps", type=int, default=20, help="training steps per repetition")
+    p.add_argument("--workloads", nargs="+", default=["sample", "train"], choices=["sample", "train"],
+                   help="what to time: sampling (the 6 sampler rows), training (the train step row)")
     args = p.parse_args(argv)
     if not os.path.exists(args.torch_python):
         sys.exit(f"--torch-python: {args.torch_python} does not exist; create the venv as the module docstring shows")
-    md, raw = run(args.nets, args.reps, args.torch_python, args.threads, args.train_steps)
+    md, raw = run(args.nets, args.reps, args.torch_python, args.threads, args.train_steps, tuple(args.workloads))
     print("\n" + md)
     common.write_json(args.json, raw)
 

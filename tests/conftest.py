@@ -32,9 +32,15 @@ jax.config.update("jax_enable_x64", False)
 
 #: Files sent to the xdist workers first, longest first (seconds on 2 cores, 2026-12-03: the
 #: multi-device subprocesses of test_parallel ~150, test_train ~130, test_reliability ~90, ...),
-#: so that no long file starts last and runs alone at the end.
+#: so that no long file starts last and runs alone at the end (xdist's own order, by the number
+#: of tests in a file, is turned off in pytest_configure).
 LONGEST_FIRST = ("test_parallel.py", "test_train.py", "test_reliability.py", "test_bad_input.py",
                  "test_classifier_training.py", "test_inpainting.py", "test_samplers.py", "test_models.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist sends files by test count unless told not to
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(session, config, items):
