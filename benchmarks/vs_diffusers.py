@@ -26,8 +26,8 @@ steps dispatched as ``launch.train``'s loop does (at most ``MAX_STEPS_IN_FLIGHT`
 torch runs with ``torch.set_num_threads(--threads)`` (default 2, the machine's cores).
 
 jdiff runs with its defaults and on one device. Defaults: the script starts with the one line
-``jdiff.parallel.use_cpu_cores()`` (one XLA CPU device per core, as every ``launch`` command
-does), then makes plain calls: ``jdiff.sample`` splits the batch over the devices by itself
+``jdiff.parallel.use_cpu_cores()`` (one XLA CPU device per core and freed host memory kept,
+``retain_host_memory``, as every ``launch`` command does), then makes plain calls: ``jdiff.sample`` splits the batch over the devices by itself
 (``jdiff.parallel.auto_batch_sharding``), and the train step runs on the mesh ``launch.train``
 would choose for the network (``launch.common.configure_devices``: all cores for digits8 and
 rgb16, one device for tiny8, whose step is too small to gain). "1 device": the same calls with

@@ -133,7 +133,7 @@ def retain_host_memory(threshold_bytes: int = RETAIN_THRESHOLD) -> bool:
     each time, and the heap is trimmed once 128 KiB at its top are free, so every execution
     faults its buffers' pages in again: a 2-device digits8 train step took 16,400 minor page
     faults (64 MiB) and 40-50 ms of system time, 94-113 ms in all; with both thresholds at
-    1 GiB, 0-400 faults, 4 ms and 69-77 ms (BENCHMARKS.md, "Where the time goes", point 6).
+    1 GiB, 0-400 faults, 4-6 ms and 69-85 ms (BENCHMARKS.md, "Where the time goes", point 6).
 
     Sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` with ``mallopt(3)``, the equivalent
     of starting Python with ``MALLOC_MMAP_THRESHOLD_=N MALLOC_TRIM_THRESHOLD_=N``. The cost is
@@ -155,7 +155,7 @@ def retain_host_memory(threshold_bytes: int = RETAIN_THRESHOLD) -> bool:
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):  # not glibc (macOS, Windows; musl has it but ignores both)
+    except (AttributeError, OSError, TypeError):  # no mallopt: macOS, Windows (musl's returns 0 below)
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(_M_MMAP_THRESHOLD, threshold_bytes) == 1 and mallopt(_M_TRIM_THRESHOLD, threshold_bytes) == 1

@@ -30,9 +30,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
-#: Files sent to the xdist workers first, longest first (seconds on 2 cores, 2026-12-03: the
-#: multi-device subprocesses of test_parallel ~150, test_train ~130, test_reliability ~90, ...),
-#: so that no long file starts last and runs alone at the end (xdist's own order, by the number
+#: Files sent to the xdist workers first, longest first (2 cores: test_parallel's multi-process
+#: fixture alone 150-165 s of wall in the 2026-12-03 runs; in a serial run, 2026-12-02,
+#: test_train 182 s, test_reliability 165 s, test_bad_input 47 s, ...), so that no long file
+#: starts late and runs alone at the end (xdist's own order, by the number
 #: of tests in a file, is turned off in pytest_configure).
 LONGEST_FIRST = ("test_parallel.py", "test_train.py", "test_reliability.py", "test_bad_input.py",
                  "test_classifier_training.py", "test_inpainting.py", "test_samplers.py", "test_models.py")
