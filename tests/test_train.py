@@ -6,7 +6,9 @@ import re
 import shutil
 import subprocess
 import sys
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -403,6 +405,36 @@ def test_batch_transforms_run_inside_the_step_with_their_own_key():
         transforms.get("nope")
     with pytest.raises(ValueError, match="config.data.transform_kwargs"):
         transforms.get("downsample_image", {"factr": 2})
+
+
+class _SmallNet(nn.Module):
+    """A network with the U-Net's call signature; ``features`` a tuple (hashable) or a list (not)."""
+
+    features: Any
+
+    @nn.compact
+    def __call__(self, x, t, cond=None):
+        h = nn.Conv(self.features[0], (3, 3))(x)
+        return nn.Dense(x.shape[-1])(nn.swish(h)) * t[:, None, None, None]
+
+
+def test_init_params_is_module_init_compiled_once_per_module_and_shapes():
+    key = jax.random.key(3)
+    params = network.init_params(_SmallNet((4,)), (6, 6, 2), key)
+    with jax.disable_jit():  # module.init op by op: the values init_params stands for
+        eager = _SmallNet((4,)).init({"params": key}, jnp.zeros((1, 6, 6, 2)), jnp.zeros((1,), jnp.int32))["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(eager)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), params, eager)
+    compiled = network._init._cache_size()
+    again = network.init_params(_SmallNet((4,)), (6, 6, 2), key)  # an equal module: the same program
+    assert network._init._cache_size() == compiled
+    jax.tree.map(np.testing.assert_array_equal, params, again)
+    network.init_params(_SmallNet((4,)), (5, 5, 2), key)  # other shapes: one more program
+    assert network._init._cache_size() == compiled + 1
+    # A field that cannot be hashed cannot key the compiled init: module.init runs as it is.
+    listed = network.init_params(_SmallNet([4]), (6, 6, 2), key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), listed, eager)
+    assert network._init._cache_size() == compiled + 1
 
 
 def test_warmup_zero_trains_at_full_rate_from_step_zero():
