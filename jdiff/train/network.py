@@ -94,8 +94,8 @@ def init_params(module, image_shape: tuple[int, int, int], key: jax.Array, num_c
     returns the ``params`` collection. ``num_classes`` is ignored (old signature).
 
     Compiled as one program (cached per module and shapes): run op by op, a U-Net's
-    initialisers cost a fresh process seconds of per-op compiles (the tiny config 11.7 s, against
-    6.5 s for the one program, BENCHMARKS.md); the values equal the op-by-op ones to ~6e-8."""
+    initialisers cost a fresh process seconds of per-op compiles (digits8: 15.5 s, against 4.9 s
+    for the one program; BENCHMARKS.md); the values equal the op-by-op ones to ~6e-8."""
     del num_classes
     x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
