@@ -10,7 +10,6 @@ kind the module will see during training is present at init.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -103,13 +102,15 @@ def init_params(module, image_shape: tuple[int, int, int], key: jax.Array, num_c
     try:
         hash(module)
     except TypeError:  # a module with an unhashable field (e.g. a list) cannot key the compiled init
-        return module.init({"params": key}, x, t, cond=cond or None)["params"]
+        return _module_init(module, key, x, t, cond)
     return _init(module, key, x, t, cond)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(module, key, x, t, cond):
+def _module_init(module, key, x, t, cond):
     return module.init({"params": key}, x, t, cond=cond or None)["params"]
+
+
+_init = jax.jit(_module_init, static_argnums=0)
 
 
 def apply_fn(module) -> Callable[..., jax.Array]:
