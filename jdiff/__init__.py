@@ -20,12 +20,13 @@ from jdiff.schedules import Schedule
 
 __version__ = "0.1.0"
 
-from jdiff import conditioning, edm, editing, guidance, metrics, models, parallel, samplers, testing
+from jdiff import cascade, conditioning, edm, editing, guidance, metrics, models, parallel, samplers, testing
 from jdiff.samplers import SampleOutput, ddim_invert, ddim_step, ddpm_step, sample
 
 __all__ = [
     "Schedule",
     "SampleOutput",
+    "cascade",
     "conditioning",
     "edm",
     "editing",

@@ -12,7 +12,7 @@ its configuration uses and rejects the others, so a typo or a stray input fails 
                       token is real.
   ``"control"``       ``[B, H, W, Cc]`` a ControlNet's control image (Zhang et al. 2023); null zeros.
   ``"aug_level"``     ``[B]`` float noise-augmentation level of a cascaded model's low-resolution
-                      input, embedded like ``t`` (Ho et al. 2022, CDM sec. 4.1); never dropped.
+                      input, embedded like ``t`` (Ho et al. 2022, CDM sec. 4); never dropped.
 
 :func:`check` validates shapes (static, so it runs while tracing, before anything compiles);
 :func:`null` gives the unconditional input; :func:`drop` replaces the conditioning of chosen

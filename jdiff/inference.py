@@ -133,6 +133,7 @@ def generate(
     batch_size: int = 256,
     method: str = "ddpm",
     steps: int | None = None,
+    timesteps: Any = None,
     eta: float | None = None,
     clip: Any = True,
     variance: str = "fixed_small",
@@ -154,7 +155,9 @@ def generate(
     Conditioning: ``labels`` [num] int (for a class-conditional network ``None`` samples the null
     class; see :func:`balanced_labels`) and ``cond``, a dict of [num, ...] arrays of the other
     kinds (e.g. ``{"image": low_res [num, H, W, Ci]}``). ``eta`` only for samplers that have one
-    (None: the sampler's default). ``sigma_data``: wrap an EDM network in its preconditioning.
+    (None: the sampler's default). ``timesteps``: an explicit time sequence instead of ``steps``
+    (:func:`jdiff.samplers.sample`; e.g. one that stops short of the data, for a truncated
+    cascade stage). ``sigma_data``: wrap an EDM network in its preconditioning.
     x_T ~ N(0, prior_std^2 I) at the process's noise end (sigma_max for EDM, 1 otherwise).
     Every process gets the whole array.
     """
@@ -170,7 +173,7 @@ def generate(
     if isinstance(w, (int, float, np.integer, np.floating)) and not (np.isfinite(w) and w >= 0):
         raise ValueError(f"guidance_weight: expected a finite weight >= 0, got {w!r}")
     # The sampler's arguments before anything is placed, drawn or compiled.
-    samplers._validate(method, schedule, steps, eta, variance, parameterization, None, None, clip)
+    samplers._validate(method, schedule, steps, eta, variance, parameterization, None, timesteps, clip)
     cond = _check_cond(cond or {}, num, image_shape)
     if labels is not None:
         labels = np.asarray(labels)
@@ -207,7 +210,7 @@ def generate(
             # what it needs along the data axis with x.
             part[k] = parallel.shard_params(v, mesh)
         fn = model_fn_for(module, params, None, guidance_weight, cond=part, sigma_data=sigma_data)
-        kwargs = dict(method=method, steps=steps, eta=eta, clip=clip, variance=variance, parameterization=parameterization)
+        kwargs = dict(method=method, steps=steps, timesteps=timesteps, eta=eta, clip=clip, variance=variance, parameterization=parameterization)
         if b == 0:  # checked (the network's output shape too) before the first key or x_T, which compile
             samplers._prepare(fn, schedule, (padded,) + image_shape, **kwargs)
         batch_key = jax.random.fold_in(key, b)

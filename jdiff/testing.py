@@ -19,7 +19,7 @@ import numpy as np
 from jdiff import diffusion
 from jdiff.schedules import Schedule
 
-__all__ = ["GaussianMixture", "gaussian_mixture"]
+__all__ = ["GaussianMixture", "gaussian_mixture", "cascade_model_fns", "super_resolution_posterior", "downsample_matrix"]
 
 
 @flax.struct.dataclass
@@ -251,3 +251,96 @@ def gaussian_mixture(weights, means, stds, event_shape: tuple[int, ...] | None =
         raise ValueError(f"stds: expected positive standard deviations, got min {s.min()}")
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     return GaussianMixture(weights=f32(w / w.sum()), means=f32(m), stds=f32(s), event_shape=event_shape)
+
+
+# -- a cascade on the mixture: exact base and super-resolution models ------------------------
+#
+# With x ~ sum_k pi_k N(mu_k, S_k) (S_k = diag(s_k^2)) and the low-resolution image y = A x
+# (A: the area downsampling of jdiff.cascade.downsample, a linear map), y is again a mixture,
+# of N(A mu_k, A S_k A^T), and so is x given the augmented z = alpha_s y + sigma_s e (Gaussian
+# conditioning): component k has weight ~ pi_k N(z; alpha_s A mu_k, G_k), G_k = alpha_s^2 A S_k A^T
+# + sigma_s^2 I, mean mu_k + alpha_s S_k A^T G_k^-1 (z - alpha_s A mu_k) and covariance
+# S_k - alpha_s^2 S_k A^T G_k^-1 A S_k. A full-covariance mixture stays one under the forward
+# process: x_t = a x + s eps has components N(a m_k, a^2 C_k + s^2 I) and eps* = -s grad log q.
+
+
+def downsample_matrix(event_shape: tuple[int, int, int], factor: int) -> np.ndarray:
+    """The [d_low, d] float64 matrix of area downsampling by ``factor`` (the mean of each f x f
+    block, :func:`jdiff.cascade.downsample`) on flattened [H, W, C] images."""
+    h, w, c = (int(v) for v in event_shape)
+    if factor < 1 or h % factor or w % factor:
+        raise ValueError(f"factor: expected a positive int dividing {h}x{w}, got {factor!r}")
+    rows = np.kron(np.eye(h // factor), np.ones((1, factor))) / factor  # [h/f, h]
+    cols = np.kron(np.eye(w // factor), np.ones((1, factor))) / factor  # [w/f, w]
+    return np.kron(np.kron(rows, cols), np.eye(c))
+
+
+def _full_cov_eps(log_pi, means, covs, x, a, s):
+    """eps* = s sum_k w_k (a^2 C_k + s^2 I)^-1 (x - a m_k) with w_k ~ pi_k N(x; a m_k, a^2 C_k + s^2 I).
+    log_pi [B, K], means [B, K, D], covs [B, K, D, D], x [B, D], a, s [B]."""
+    d = x.shape[-1]
+    g = a[:, None, None, None] ** 2 * covs + s[:, None, None, None] ** 2 * jnp.eye(d, dtype=x.dtype)
+    chol = jnp.linalg.cholesky(g)
+    r = x[:, None, :] - a[:, None, None] * means
+    sol = jax.scipy.linalg.cho_solve((chol, True), r[..., None])[..., 0]  # G^-1 r, [B, K, D]
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    log_w = log_pi - 0.5 * (jnp.sum(r * sol, axis=-1) + logdet)
+    w = jax.nn.softmax(log_w, axis=-1)
+    return s[:, None] * jnp.einsum("bk,bkd->bd", w, sol)
+
+
+def super_resolution_posterior(gm: GaussianMixture, z: jax.Array, alpha: jax.Array, sigma: jax.Array, factor: int | jax.Array):
+    """x | z for z = alpha A x + sigma e (A = :func:`downsample_matrix`, or ``factor`` may be A
+    itself): a mixture, returned as (log weights [B, K], means [B, K, D], covariances [B, K, D, D]).
+    ``z`` [B, h, w, C] (or flattened [B, d]); alpha, sigma [B]."""
+    A = jnp.asarray(downsample_matrix(gm.event_shape, factor) if np.ndim(factor) == 0 else factor, jnp.float32)
+    zf = z.reshape(z.shape[0], -1)
+    B, K, d = zf.shape[0], gm.num_components, A.shape[0]
+    S = jax.vmap(jnp.diag)(gm.stds**2)  # [K, D, D]
+    AS = jnp.einsum("ld,kde->kle", A, S)  # A S_k [K, d, D]
+    a = alpha[:, None, None, None]
+    G = a**2 * jnp.einsum("kle,me->klm", AS, A)[None] + sigma[:, None, None, None] ** 2 * jnp.eye(d)  # [B, K, d, d]
+    r = zf[:, None, :] - alpha[:, None, None] * jnp.einsum("ld,kd->kl", A, gm.means)[None]  # [B, K, d]
+    chol = jnp.linalg.cholesky(G)
+    sol = jax.scipy.linalg.cho_solve((chol, True), r[..., None])[..., 0]  # G^-1 r
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    log_w = jax.nn.log_softmax(jnp.log(gm.weights)[None] - 0.5 * (jnp.sum(r * sol, axis=-1) + logdet), axis=-1)
+    means = gm.means[None] + alpha[:, None, None] * jnp.einsum("kld,bkl->bkd", AS, sol)
+    g_inv_as = jax.scipy.linalg.cho_solve((chol, True), jnp.broadcast_to(AS[None], (B, K, d, AS.shape[-1])))
+    covs = S[None] - a**2 * jnp.einsum("kld,bkle->bkde", AS, g_inv_as)
+    return log_w, means, 0.5 * (covs + jnp.swapaxes(covs, -1, -2))
+
+
+def _cascade_base_eps(gm: GaussianMixture, schedule: Schedule, A: jax.Array, x_t, t):
+    B, K = x_t.shape[0], gm.num_components
+    means = jnp.broadcast_to(jnp.einsum("ld,kd->kl", A, gm.means)[None], (B, K, A.shape[0]))
+    covs = jnp.einsum("ld,kd,md->klm", A, gm.stds**2, A)
+    covs = jnp.broadcast_to(covs[None], (B,) + covs.shape)
+    alpha, sigma = schedule.alpha_sigma(t)
+    a, s = jnp.broadcast_to(alpha, (B,)), jnp.broadcast_to(sigma, (B,))
+    log_pi = jnp.broadcast_to(jnp.log(gm.weights)[None], (B, K))
+    return _full_cov_eps(log_pi, means, covs, x_t.reshape(B, -1), a, s).reshape(x_t.shape)
+
+
+def _cascade_sr_eps(gm: GaussianMixture, schedule: Schedule, A: jax.Array, x_t, t, cond):
+    B = x_t.shape[0]
+    z = cond["image"].reshape(B, -1) @ A.T  # A undoes nearest upsampling exactly
+    s_aug = jnp.round(cond["aug_level"]).astype(jnp.int32)
+    alpha_aug, sigma_aug = schedule.alpha_sigma(s_aug)
+    log_w, means, covs = super_resolution_posterior(gm, z, alpha_aug, sigma_aug, A)
+    alpha, sigma = schedule.alpha_sigma(t)
+    a, s = jnp.broadcast_to(alpha, (B,)), jnp.broadcast_to(sigma, (B,))
+    return _full_cov_eps(log_w, means, covs, x_t.reshape(B, -1), a, s).reshape(x_t.shape)
+
+
+def cascade_model_fns(gm: GaussianMixture, schedule: Schedule, factor: int):
+    """Exact models of a two-stage cascade on ``gm`` (event shape [H, W, C]):
+
+    ``base(x_t [B, H/f, W/f, C], t) -> eps*`` of the low-resolution images y = downsample(x), and
+    ``sr(x_t [B, H, W, C], t, cond) -> eps*`` of x given ``cond = {"image": upsample(z, "nearest"),
+    "aug_level": s}`` with z = alpha_s y + sigma_s e (the SR stage's input with Gaussian conditioning
+    augmentation at timestep s of ``schedule``; s = -1 is the clean y). Both for eps-prediction on
+    the discrete ``schedule`` at its own timesteps (not respaced)."""
+    A = jnp.asarray(downsample_matrix(gm.event_shape, factor), jnp.float32)
+    return (jax.tree_util.Partial(_cascade_base_eps, gm, schedule, A),
+            jax.tree_util.Partial(_cascade_sr_eps, gm, schedule, A))

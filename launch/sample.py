@@ -6,6 +6,21 @@ python -m launch.sample --workdir workdirs/tiny_sr --num 4 --out sr.png --cond_i
 python -m launch.sample --workdir workdirs/digits --num 16 --out edit.png --sdedit guide.png --t0 400
 python -m launch.sample --workdir workdirs/digits --num 16 --out fill.png --repaint img.png --mask mask.png
 python -m launch.sample --workdir workdirs/digits_inpaint --num 16 --out fill.png --inpaint img.png --mask mask.png
+python -m launch.sample --workdir workdirs/fm_base14 --sr_workdir workdirs/fm_sr --aug_level 0.1 --label 3 --num 64 --out x.png
+python -m launch.sample --workdir workdirs/fm_sr --low_res img14.png --out up.png
+
+Cascades (jdiff.cascade; Ho et al. 2022, CDM): --workdir is the base stage and each --sr_workdir
+a super-resolution stage (a workdir trained with data.transform='super_resolution', e.g.
+configs/fashion_mnist_sr.py), run in order with one key and the same --label per sample.
+--aug_level a in [0, 1] is the conditioning-augmentation level of the SR stages (one value for
+all, or one per --sr_workdir; default: each SR config's sample.aug_level): the stage below's
+output is noised to timestep round(a T) - 1 before it is upsampled (--aug_mode non_truncated),
+or the stage below stops its reverse process there (--aug_mode truncated). --method / --steps
+/ --guidance set the base stage's sampler, --sr_method / --sr_steps / --sr_guidance the SR
+stages' (default: their configs). --low_res IMG with an SR workdir as --workdir upsamples a
+given image (.png or .npz with "image" [h, w, C] or [N, h, w, C] in [-1, 1]) of exactly the
+SR model's input size. A base whose output size is not the SR model's input, an SR workdir of
+another kind, or a level outside [0, 1] is an error before anything is loaded.
 
 Editing (jdiff.editing, one device): --sdedit GUIDE --t0 N noises the guide to timestep N and
 denoises it with --method / --steps (default: the config's sampler at its density of steps);
@@ -69,6 +84,18 @@ _MASK = flags.DEFINE_string("mask", None, "RePaint's or --inpaint's mask (.png: 
                             "[H, W, 1] or [N, H, W, 1].")
 _JUMP_LENGTH = flags.DEFINE_integer("jump_length", 10, "RePaint's jump length j.")
 _JUMP_N_SAMPLE = flags.DEFINE_integer("jump_n_sample", 10, "RePaint's resampling count r (1: plain replacement).")
+_SR_WORKDIR = flags.DEFINE_multi_string("sr_workdir", None, "A super-resolution stage's workdir (repeat for more "
+                                        "stages): a cascade on top of the --workdir base.")
+_LOW_RES = flags.DEFINE_string("low_res", None, "Upsample this image (.png or .npz 'image' [h, w, C] or [N, h, w, C] in "
+                               "[-1, 1]) with the super-resolution model of --workdir.")
+_AUG_LEVEL = flags.DEFINE_multi_float("aug_level", None, "SR conditioning-augmentation level in [0, 1] (a fraction of "
+                                      "the schedule): one for every SR stage or one per --sr_workdir.")
+_AUG_MODE = flags.DEFINE_enum("aug_mode", "non_truncated", ["non_truncated", "truncated"],
+                              "Noise the stage below's sample (non_truncated) or stop its reverse process at the level.")
+_SR_METHOD = flags.DEFINE_string("sr_method", None, "The SR stages' sampler (default: each SR config's).")
+_SR_STEPS = flags.DEFINE_integer("sr_steps", None, "The SR stages' network calls (default: each SR config's).")
+_SR_GUIDANCE = flags.DEFINE_float("sr_guidance", None, "The SR stages' classifier-free guidance weight (default: each "
+                                  "SR config's sample.guidance).")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w >= 0.")
 _METHOD = flags.DEFINE_string("method", None, "A registered sampler: ddpm | ddim | euler_maruyama | ode | dpm_solver++ "
                               "(default: config).")
@@ -240,6 +267,101 @@ def _check_sampler_flags(cfg, edit) -> None:
         raise app.UsageError(f"--eta: expected a finite float >= 0, got {_ETA.value}")
 
 
+def _sr_factor(cfg) -> int | None:
+    """The factor of a super-resolution workdir's config, None if it is not one."""
+    if cfg.data.get("transform", "") != "super_resolution":
+        return None
+    return int(cfg.data.get("transform_kwargs", {}).get("factor", 2))
+
+
+def _check_cascade_flags(base_cfg, base_model):
+    """The cascade / --low_res request against the workdirs' configs, before anything is loaded:
+    (SR configs, aug levels, the --low_res image or None)."""
+    sr_dirs = list(_SR_WORKDIR.value or [])
+    others = [f for f, v in (("--sdedit", _SDEDIT.value), ("--repaint", _REPAINT.value), ("--inpaint", _INPAINT.value),
+                             ("--cond_image", _COND_IMAGE.value)) if v]
+    if sr_dirs and _LOW_RES.value:
+        raise app.UsageError("--low_res, --sr_workdir: expected one of them (--low_res upsamples with the SR model of "
+                             "--workdir; --sr_workdir stacks SR stages on the base model of --workdir)")
+    if others:
+        raise app.UsageError(f"{', '.join(others)}: not with {'--low_res' if _LOW_RES.value else '--sr_workdir'}")
+    stage_cfgs = [base_cfg] + [common.load_workdir_config(d) for d in sr_dirs] if sr_dirs else [base_cfg]
+    names = ["--workdir"] + [f"--sr_workdir {d}" for d in sr_dirs]
+    sr_cfgs = stage_cfgs[1:] if sr_dirs else [base_cfg]
+    sr_names = names[1:] if sr_dirs else ["--workdir"]
+    for c, name in zip(sr_cfgs, sr_names):
+        if _sr_factor(c) is None or c.diffusion.get("process", "vp") != "vp":
+            raise app.UsageError(f"{name}: expected a super-resolution workdir (data.transform='super_resolution' on the "
+                                 f"discrete schedule, e.g. configs/fashion_mnist_sr.py), got data.transform="
+                                 f"{c.data.get('transform', '')!r}, diffusion.process={c.diffusion.get('process', 'vp')!r}")
+    if sr_dirs and base_cfg.diffusion.get("process", "vp") != "vp":
+        raise app.UsageError(f"--workdir: a cascade's base is on the discrete schedule (diffusion.process='vp'), "
+                             f"got {base_cfg.diffusion.process!r}")
+    if sr_dirs and _sr_factor(base_cfg) is not None:
+        raise app.UsageError("--workdir: expected a base model (no low-resolution input); got a super-resolution workdir "
+                             "(use it as --sr_workdir, or alone with --low_res)")
+    levels = list(_AUG_LEVEL.value or [])
+    if levels and len(levels) not in (1, len(sr_cfgs)):
+        raise app.UsageError(f"--aug_level: expected one value or one per SR stage ({len(sr_cfgs)}), got {len(levels)}")
+    bad = [a for a in levels if not 0.0 <= a <= 1.0]
+    if bad:
+        raise app.UsageError(f"--aug_level: expected fractions of the schedule in [0, 1], got {bad}")
+    if not levels:
+        levels = [float(c.sample.get("aug_level", 0.0)) for c in sr_cfgs]
+    levels = levels * len(sr_cfgs) if len(levels) == 1 else levels
+    if _SR_METHOD.value is not None and _SR_METHOD.value not in samplers.available():
+        raise app.UsageError(f"--sr_method: expected a registered sampler, one of {samplers.available()}, got {_SR_METHOD.value!r}")
+    for c, name in zip(sr_cfgs, sr_names):
+        if _SR_STEPS.value is not None and not 1 <= _SR_STEPS.value <= int(c.diffusion.num_timesteps):
+            raise app.UsageError(f"--sr_steps: expected an int in [1, {c.diffusion.num_timesteps}] (the timesteps of "
+                                 f"{name}), got {_SR_STEPS.value}")
+    if _SR_GUIDANCE.value is not None and not (np.isfinite(_SR_GUIDANCE.value) and _SR_GUIDANCE.value >= 0):
+        raise app.UsageError(f"--sr_guidance: expected a finite weight >= 0, got {_SR_GUIDANCE.value}")
+    if _AUG_MODE.value == "truncated" and _LOW_RES.value:
+        raise app.UsageError("--aug_mode: 'truncated' stops a base stage early; --low_res has none (expected non_truncated)")
+    shapes = [_image_shape(c) for c in stage_cfgs]
+    for i in range(1, len(stage_cfgs)):
+        f, (h, w, ch) = _sr_factor(stage_cfgs[i]), shapes[i]
+        want = (h // f, w // f, ch)
+        if tuple(shapes[i - 1]) != want:
+            raise app.UsageError(f"{names[i]}: takes {want[0]}x{want[1]}x{want[2]} images ({h}x{w} / factor {f}), but "
+                                 f"{names[i - 1].split()[0]} {'makes' if i == 1 else 'stage makes'} "
+                                 f"{shapes[i - 1][0]}x{shapes[i - 1][1]}x{shapes[i - 1][2]}")
+    low = None
+    if _LOW_RES.value:
+        f, (h, w, ch) = _sr_factor(base_cfg), shapes[0]
+        low = load_cond_image(_LOW_RES.value, _NUM.value, ch, "--low_res")
+        if low.shape[1:3] != (h // f, w // f):
+            raise app.UsageError(f"--low_res: expected an image of the SR model's input size {h // f}x{w // f} (its "
+                                 f"{h}x{w} output / factor {f}), got {low.shape[1]}x{low.shape[2]}")
+        low = np.broadcast_to(low, (_NUM.value,) + low.shape[1:]).astype(np.float32)
+    return sr_dirs, levels, low
+
+
+def _run_cascade(sr_dirs, levels, low, labels, mesh):
+    """The cascade (or one SR stage on --low_res), sharded like plain sampling."""
+    from jdiff import cascade
+
+    base = load_for_sampling(_WORKDIR.value, mesh)
+    sr_overrides = {k: v for k, v in (("method", _SR_METHOD.value), ("steps", _SR_STEPS.value),
+                                      ("guidance", _SR_GUIDANCE.value)) if v is not None}
+    base_overrides = {k: v for k, v in (("method", _METHOD.value), ("steps", _STEPS.value), ("eta", _ETA.value),
+                                        ("guidance", _GUIDANCE.value)) if v is not None}
+    if _BATCH.value:
+        batch = _BATCH.value
+    else:
+        batch = base.config.sample.batch_size
+    key = jax.random.key(_SEED.value)
+    if low is not None:
+        stage = cascade.Stage.from_loaded(base, aug_level=levels[0], **base_overrides)
+        return cascade.super_resolve(stage, low, key, labels=labels, batch_size=batch, mesh=mesh), base.step
+    stages = [cascade.Stage.from_loaded(base, **base_overrides)]
+    for d, a in zip(sr_dirs, levels):
+        stages.append(cascade.Stage.from_loaded(load_for_sampling(d, mesh), aug_level=a, **sr_overrides))
+    return cascade.cascade(stages, _NUM.value, key, labels=labels, aug_mode=_AUG_MODE.value, batch_size=batch,
+                           mesh=mesh), base.step
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -274,16 +396,28 @@ def main(argv):
         if num_classes is None:
             raise app.UsageError("--null_label: this model is not class-conditional")
         labels = np.full((_NUM.value,), num_classes, np.int32)
-    elif num_classes is not None and edit is not None:
+    elif num_classes is not None and (edit is not None or _LOW_RES.value):
         if g:
-            raise app.UsageError(f"--guidance: {g} guides towards a class; an edit without --label uses the null class")
+            what = "an edit" if edit is not None else "--low_res"
+            raise app.UsageError(f"--guidance: {g} guides towards a class; {what} without --label uses the null class")
         labels = np.full((_NUM.value,), num_classes, np.int32)  # edits complete the image, not a class
     elif num_classes is not None:
         labels = balanced_labels(_NUM.value, num_classes)
     elif g:
         raise app.UsageError("--guidance: classifier-free guidance needs a class-conditional model")
+    cascade_request = None
+    if _SR_WORKDIR.value or _LOW_RES.value:
+        cascade_request = _check_cascade_flags(cfg, model)
+    elif _sr_factor(cfg) is not None:
+        raise app.UsageError("--low_res: this is a super-resolution model (data.transform='super_resolution'); pass the "
+                             "low-resolution image with --low_res, or use the workdir as --sr_workdir of a cascade")
+    if (_SR_METHOD.value or _SR_STEPS.value is not None or _SR_GUIDANCE.value is not None) and not _SR_WORKDIR.value:
+        raise app.UsageError("--sr_method / --sr_steps / --sr_guidance: only with --sr_workdir (with --low_res, use "
+                             "--method / --steps / --guidance)")
     image_channels = getattr(model, "image_channels", 0) or 0
-    if image_channels and not _COND_IMAGE.value and not (edit and edit[0] == "inpaint"):
+    if cascade_request is not None:
+        pass
+    elif image_channels and not _COND_IMAGE.value and not (edit and edit[0] == "inpaint"):
         raise app.UsageError(f"--cond_image: this model is conditioned on an image (config.model.image_channels="
                              f"{image_channels}); pass the conditioning image as a .png or .npz")
     if _COND_IMAGE.value and not image_channels:
@@ -293,6 +427,10 @@ def main(argv):
     common.configure_compilation_cache()
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     mesh = parallel.make_mesh()
+    if cascade_request is not None:
+        x, step = _run_cascade(*cascade_request, labels, mesh)
+        _write(x, labels, num_classes, step)
+        return
     loaded = load_for_sampling(_WORKDIR.value, mesh)
     model = loaded.model
     cond = {} if cond_image is None else {"image": resize_cond_image(cond_image, _NUM.value, loaded.image_shape)}
@@ -322,6 +460,12 @@ def main(argv):
         )
     if inpaint:
         x = np.asarray(editing.paste_known(x, image, mask))  # the known pixels exactly
+    _write(x, labels, num_classes, loaded.step)
+
+
+def _write(x: np.ndarray, labels, num_classes, step: int) -> None:
+    """Process 0 writes --out: a grid (.png) or the raw arrays (.npz)."""
+    out = _OUT.value
     if jax.process_index() != 0:
         return
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -336,7 +480,7 @@ def main(argv):
         ncols = _NUM.value // num_classes if (labels is not None and not _LABEL.value and not _NULL_LABEL.value
                                                and _NUM.value % num_classes == 0) else None
         images.save_grid(x, out, ncols=ncols)
-    print(f"wrote {out}: {x.shape[0]} samples of shape {x.shape[1:]} from step {loaded.step}")
+    print(f"wrote {out}: {x.shape[0]} samples of shape {x.shape[1:]} from step {step}")
 
 
 if __name__ == "__main__":

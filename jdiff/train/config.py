@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.guidance = 0.0  # classifier-free guidance weight w for class-conditional models
     c.sample.clip = True  # clip predicted x_0 to [-1, 1]
     c.sample.batch_size = 256
+    # A super-resolution stage's conditioning-augmentation level when it samples in a cascade, a
+    # fraction of the schedule in [0, 1] (jdiff.cascade; launch.sample --aug_level overrides).
+    c.sample.aug_level = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 0  # 0: no evaluation at the end of training
@@ -164,6 +167,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model.learn_sigma={config.model.get('learn_sigma', False)} does not match "
             f"config.diffusion.variance={d.variance!r}: learned variances need learn_sigma=True and vice versa"
         )
+    a = config.sample.get("aug_level", 0.0)
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+        raise ValueError(f"config.sample.aug_level: expected a fraction of the schedule in [0, 1], got {a!r}")
     if not 0.0 <= d.p_uncond < 1.0:
         raise ValueError(f"config.diffusion.p_uncond: expected a probability in [0, 1), got {d.p_uncond}")
     bad = [k for k in d.uncond_keys if k not in conditioning.DROPPABLE]

@@ -124,7 +124,10 @@ def apply_fn(module) -> Callable[..., jax.Array]:
 
 def make_transform(config: ml_collections.ConfigDict):
     """The batch transform ``config.data.transform`` names (None for "")."""
-    return transforms_lib.get(config.data.get("transform", ""), config.data.get("transform_kwargs", None))
+    from jdiff.train import config as config_lib
+
+    return transforms_lib.get(config.data.get("transform", ""), config.data.get("transform_kwargs", None),
+                              schedule=config_lib.make_schedule(config))
 
 
 def conditioning_from_data(config: ml_collections.ConfigDict, module, images: np.ndarray, labels: np.ndarray | None,

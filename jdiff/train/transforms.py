@@ -29,11 +29,13 @@ factory is imported when training starts, so it also works from ``python -m laun
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jdiff import editing
 
@@ -66,8 +68,10 @@ def _resolve(name: str) -> Callable[..., BatchTransform]:
     )
 
 
-def get(name: str, kwargs: Mapping[str, Any] | None = None) -> BatchTransform | None:
-    """The transform a config names (None for ``""``); bad names or kwargs raise ValueError."""
+def get(name: str, kwargs: Mapping[str, Any] | None = None, schedule: Any = None) -> BatchTransform | None:
+    """The transform a config names (None for ``""``); bad names or kwargs raise ValueError. A
+    factory with a ``schedule`` parameter (e.g. noise augmentation) is also given ``schedule``,
+    the run's diffusion process."""
     if not isinstance(name, str):
         raise ValueError(f"config.data.transform: expected a transform name (str), got {name!r}")
     if name == "":
@@ -76,10 +80,14 @@ def get(name: str, kwargs: Mapping[str, Any] | None = None) -> BatchTransform | 
         return None
     factory = _resolve(name)
     kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else (kwargs or {}))
+    if "schedule" in kwargs:
+        raise ValueError("config.data.transform_kwargs.schedule: set by the run (its diffusion process), not by the config")
+    extra = {"schedule": schedule} if "schedule" in inspect.signature(factory).parameters else {}
     try:
-        return factory(**kwargs)
+        inspect.signature(factory).bind(**kwargs, **extra)
     except TypeError as e:
         raise ValueError(f"config.data.transform_kwargs: {kwargs} do not fit transform {name!r} ({e})") from None
+    return factory(**kwargs, **extra)
 
 
 def downsample_image(factor: int = 2, method: str = "bilinear") -> BatchTransform:
@@ -128,3 +136,60 @@ def inpaint(kinds=editing.MASK_KINDS, weights=None) -> BatchTransform:
 
 
 register("inpaint", inpaint)
+
+
+def super_resolution(factor: int = 2, method: str = "bicubic", max_aug_level: float = 0.0, blur_prob: float = 0.0,
+                     blur_sigma: tuple = (0.4, 0.6), *, schedule=None) -> BatchTransform:
+    """A super-resolution stage's training input (CDM, Ho et al. 2022, sec. 4; SR3): the low-
+    resolution image is ``jdiff.cascade.downsample(x0, factor)`` (area, the base stage's data),
+    blurred with probability ``blur_prob`` by a Gaussian of width ~ U[blur_sigma] (low-resolution
+    pixels), noised to ``z_s = alpha_s low + sigma_s eps`` at s = round(a T) - 1 with a level
+    a ~ U[0, max_aug_level] per example (0: no noise augmentation), then upsampled with ``method``:
+    ``cond["image"]`` [B, H, W, C] and ``cond["aug_level"]`` = s [B] (float, -1 = clean), which an
+    ``aug_level_embedding=True`` network embeds like t. ``schedule`` is the run's own discrete
+    schedule (given by the training loop), so the noise is that of the forward process.
+    """
+    from jdiff import cascade
+    from jdiff.schedules import Schedule
+
+    factor = cascade._check_factor(factor, "config.data.transform_kwargs.factor")
+    if method not in cascade.UPSAMPLE_METHODS:
+        raise ValueError(f"config.data.transform_kwargs.method: expected one of {cascade.UPSAMPLE_METHODS}, got {method!r}")
+    max_aug_level = cascade.check_aug_level(max_aug_level, "config.data.transform_kwargs.max_aug_level")
+    if isinstance(blur_prob, bool) or not isinstance(blur_prob, (int, float)) or not 0.0 <= blur_prob <= 1.0:
+        raise ValueError(f"config.data.transform_kwargs.blur_prob: expected a probability in [0, 1], got {blur_prob!r}")
+    try:
+        lo, hi = (float(v) for v in blur_sigma)
+    except (TypeError, ValueError):
+        lo, hi = -1.0, -1.0
+    if not 0.0 < lo <= hi:
+        raise ValueError(f"config.data.transform_kwargs.blur_sigma: expected (low, high) widths with 0 < low <= high, "
+                         f"got {blur_sigma!r}")
+    if not isinstance(schedule, Schedule):
+        raise ValueError(f"schedule: the super_resolution transform noises with a discrete schedule (diffusion.process "
+                         f"'vp'), got {type(schedule).__name__}")
+    T = schedule.num_timesteps
+    radius = max(1, int(np.ceil(3.0 * hi)))
+
+    def transform(batch: dict, key: jax.Array) -> dict:
+        x0 = batch["image"]
+        b, h, w, _ = x0.shape
+        if h % factor or w % factor:
+            raise ValueError(f"config.data.transform_kwargs.factor: {factor} does not divide the image size {h}x{w}")
+        low = cascade.downsample(x0, factor)
+        # Per-example draws from fold_in(key, index): the same batch gives the same result on any mesh.
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (3,)))(keys)  # [B, 3]
+        if blur_prob > 0:
+            sigma = jnp.where(u[:, 0] < blur_prob, lo + (hi - lo) * u[:, 1], 0.0)
+            low = cascade.blur(low, sigma, radius)
+        s = cascade.aug_timestep(max_aug_level * u[:, 2], T)
+        eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), low.shape[1:], low.dtype))(keys)
+        z = cascade.augment(schedule, low, s, eps)
+        up = cascade.upsample(z, (h, w), method)
+        return {**batch, "cond": {**batch.get("cond", {}), "image": up, "aug_level": s.astype(jnp.float32)}}
+
+    return transform
+
+
+register("super_resolution", super_resolution)
