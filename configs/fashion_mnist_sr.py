@@ -32,6 +32,12 @@ def get_config(arg=None):
     c.data.transform_kwargs.blur_prob = 0.0 if noaug else 0.5
     c.data.transform_kwargs.blur_sigma = (0.4, 0.6)
 
+    # v-prediction (Salimans & Ho 2022): with eps-prediction, x0 = (x_t - sigma eps) / alpha
+    # amplifies the network's error by sigma / alpha at high noise, exactly where the low-
+    # resolution input determines x0 best; an eps model at 1,000 steps gave speckled samples
+    # with DPM-Solver++ (PSNR 13.3 dB, consistency 0.33) and 16.9 dB with 100 DDPM steps.
+    c.diffusion.parameterization = "v"
+
     c.model.image_channels = 1  # cond["image"]: the upsampled 14x14 image, [B, 28, 28, 1]
     c.model.aug_level_embedding = True  # cond["aug_level"]: s, embedded like t
     c.eval.num_samples = 0  # scored as a cascade (python -m benchmarks.cascade)

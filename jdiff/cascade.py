@@ -117,8 +117,7 @@ def augment(schedule: Schedule, low: jax.Array, s: jax.Array, noise: jax.Array) 
     (1, 0) at s = -1. ``low`` [B, h, w, C], ``s`` [B] int in [-1, T), ``noise`` eps like ``low``."""
     alpha, sigma = schedule.alpha_sigma(s)
     shape = (-1,) + (1,) * (low.ndim - 1)
-    eps = noise
-    return jnp.reshape(alpha, shape).astype(low.dtype) * low + jnp.reshape(sigma, shape).astype(low.dtype) * eps
+    return jnp.reshape(alpha, shape).astype(low.dtype) * low + jnp.reshape(sigma, shape).astype(low.dtype) * noise
 
 
 def blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
@@ -144,7 +143,7 @@ def sr_conditioning(schedule: Schedule, low: jax.Array, size: tuple[int, int], s
     return {"image": upsample(z, size, method), "aug_level": jnp.asarray(s, jnp.float32)}
 
 
-def sr_conditioning_of_noisy(z: jax.Array, size: tuple[int, int], s: jax.Array, method: str = "bicubic") -> dict:
+def _conditioning_of_noisy(z: jax.Array, size: tuple[int, int], s: jax.Array, method: str = "bicubic") -> dict:
     """The same for an already-noised z_s (a truncated lower stage's output)."""
     return {"image": upsample(z, size, method), "aug_level": jnp.asarray(s, jnp.float32)}
 
@@ -308,7 +307,7 @@ def cascade(
         if i > 0:
             s = np.full((num,), levels[i], np.int32)
             if aug_mode == "truncated" or levels[i] < 0:
-                cond = sr_conditioning_of_noisy(jnp.asarray(x), st.image_shape[:2], jnp.asarray(s), st.upsample_method)
+                cond = _conditioning_of_noisy(jnp.asarray(x), st.image_shape[:2], jnp.asarray(s), st.upsample_method)
             else:
                 cond = sr_conditioning(st.schedule, jnp.asarray(x), st.image_shape[:2], jnp.asarray(s),
                                        jax.random.fold_in(stage_key, 1), st.upsample_method)

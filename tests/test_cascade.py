@@ -421,3 +421,27 @@ def test_a_cascade_trains_and_samples_through_the_command_line(tmp_path):
     run("launch.sample", "--workdir", sr, "--low_res", str(tmp_path / "low.png"), "--num", "2", "--out", str(tmp_path / "up.npz"))
     with np.load(tmp_path / "up.npz") as z:
         assert z["samples"].shape == (2, 28, 28, 1) and np.isfinite(z["samples"]).all()
+
+
+def test_samples_conditioned_on_test_images_get_their_labels(monkeypatch):
+    """evaluate_loaded (and the training grids) condition an SR model on test images' low-
+    resolution copies: each sample must be asked for its own image's class, not a balanced one."""
+    from jdiff.evaluation import workdir as eval_workdir
+    from jdiff.workdir import Loaded
+
+    c = fashion_mnist_sr.get_config("small")
+    model = network.build_model(c)
+    loaded = Loaded(c, model, None, config_lib.make_schedule(c), (28, 28, 1), 0)
+    seen = {}
+
+    def fake_generate(module, params, schedule, image_shape, num, key, *, labels=None, cond=None, **kw):
+        seen.update(labels=labels, cond=cond)
+        return np.zeros((num,) + tuple(image_shape), np.float32)
+
+    monkeypatch.setattr(eval_workdir, "generate", fake_generate)
+    eval_workdir.evaluate_loaded(loaded, 12, jax.random.key(0), evaluator="")  # no scoring: sampling only
+    assert seen == {}  # nothing sampled without an evaluator
+    eval_workdir.evaluate_loaded(loaded, 12, jax.random.key(0), evaluator="fashion_mnist_sample")
+    images, labels = fashion_mnist.load_fashion_mnist_sample()
+    np.testing.assert_array_equal(seen["labels"], labels[:12])
+    assert seen["cond"]["image"].shape == (12, 28, 28, 1) and seen["cond"]["aug_level"].shape == (12,)

@@ -97,13 +97,19 @@ def bits_per_dim(loaded: Loaded, images: np.ndarray, key: jax.Array, batch_size:
     }
 
 
-def _test_images(loaded: Loaded, num: int, cycle: bool) -> np.ndarray:
+def _test_images(loaded: Loaded, num: int, cycle: bool, with_labels: bool = False):
     """The first ``num`` images of the workdir's test split (repeated to ``num`` if ``cycle`` and
-    the split is smaller, else at most the whole split)."""
+    the split is smaller, else at most the whole split); with ``with_labels`` also their labels
+    (None if the split has none)."""
     test = data_lib.get_dataset(loaded.config.data, split="test")
     n = min(num, data_lib.source_length(test.source))
-    images = np.asarray(data_lib.batch_at(test.source, 0, batch_size=n, seed=0, shuffle=False)["image"])
-    return np.resize(images, (num,) + images.shape[1:]) if cycle else images
+    batch = data_lib.batch_at(test.source, 0, batch_size=n, seed=0, shuffle=False)
+    images = np.asarray(batch["image"])
+    labels = np.asarray(batch["label"], np.int32) if "label" in batch else None
+    if cycle:
+        images = np.resize(images, (num,) + images.shape[1:])
+        labels = None if labels is None else np.resize(labels, (num,))
+    return (images, labels) if with_labels else images
 
 
 def evaluate_loaded(
@@ -120,7 +126,8 @@ def evaluate_loaded(
     evaluator: str | None = None,
 ) -> dict[str, Any]:
     """Sample ``num`` images (class-balanced labels for conditional models; data-derived
-    conditioning such as a low-resolution image from the test split) and score them.
+    conditioning such as a low-resolution image from the test split, then with the labels of
+    those test images) and score them.
 
     Samples are clipped to [-1, 1] before scoring (a sampler run with ``clip=False``, or the last
     Euler step of ``ode`` / ``euler_maruyama``, may overshoot); ``out_of_range_fraction`` is the
@@ -146,8 +153,13 @@ def evaluate_loaded(
     if ev is not None:
         num_classes = getattr(loaded.model, "num_classes", None)
         labels = None if num_classes is None else balanced_labels(num, num_classes)
-        cond = _data_cond(loaded, _test_images(loaded, num, cycle=True), jax.random.fold_in(key, 3)) \
-            if network.needs_data_conditioning(loaded.model) else {}
+        cond = {}
+        if network.needs_data_conditioning(loaded.model):
+            # A sample conditioned on a test image (e.g. its low-resolution copy) gets that image's class.
+            images, data_labels = _test_images(loaded, num, cycle=True, with_labels=True)
+            cond = _data_cond(loaded, images, jax.random.fold_in(key, 3))
+            if labels is not None and data_labels is not None:
+                labels = data_labels
         samples = generate(
             loaded.model, loaded.params, loaded.schedule, loaded.image_shape, num, key,
             labels=labels, cond=cond, guidance_weight=guidance_weight, batch_size=batch_size or s.batch_size,

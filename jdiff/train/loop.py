@@ -433,30 +433,39 @@ class _PreemptionNotice:
             self._previous = None
 
 
-def _sample_cond(config, model, dataset, num: int, key: jax.Array) -> dict:
+def _sample_cond(config, model, dataset, num: int, key: jax.Array) -> tuple[dict, np.ndarray | None]:
     """Conditioning for sample grids beyond labels (e.g. the low-resolution copy of the first
-    ``num`` training images for a cond["image"] model); {} for models that need none."""
+    ``num`` training images for a cond["image"] model) and those images' labels (None if the
+    dataset has none); ({}, None) for models that need none."""
     if not network.needs_data_conditioning(model):
-        return {}
+        return {}, None
     n = min(num, data_lib.source_length(dataset.source))
-    images = np.asarray(data_lib.batch_at(dataset.source, 0, batch_size=n, seed=config.seed, shuffle=False)["image"])
-    return network.conditioning_from_data(config, model, np.resize(images, (num,) + images.shape[1:]), None, key)
+    batch = data_lib.batch_at(dataset.source, 0, batch_size=n, seed=config.seed, shuffle=False)
+    images = np.asarray(batch["image"])
+    labels = np.resize(np.asarray(batch["label"], np.int32), (num,)) if "label" in batch else None
+    cond = network.conditioning_from_data(config, model, np.resize(images, (num,) + images.shape[1:]), None, key)
+    return cond, labels
 
 
 def _write_samples(config, model, state: TrainState, schedule, dataset, key, path: str, mesh: Mesh | None = None) -> str:
     """Sample on every process (the sampler is one SPMD program); process 0 writes the grid
-    (class-balanced labels, one class per row when ``sample.num`` is a multiple of K)."""
+    (class-balanced labels, one class per row when ``sample.num`` is a multiple of K; a model
+    conditioned on data images gets those images' labels)."""
     s = config.sample
     num_classes = getattr(model, "num_classes", None)
     labels = None if num_classes is None else balanced_labels(s.num, num_classes)
+    cond, data_labels = _sample_cond(config, model, dataset, s.num, jax.random.fold_in(key, 2))
+    by_class = labels is not None and data_labels is None
+    if labels is not None and data_labels is not None:
+        labels = data_labels
     x = generate(
         model, state.full_ema_params(), schedule, dataset.image_shape, s.num, key,
-        labels=labels, cond=_sample_cond(config, model, dataset, s.num, jax.random.fold_in(key, 2)),
+        labels=labels, cond=cond,
         guidance_weight=s.guidance, batch_size=s.batch_size, method=s.method, steps=s.steps,
         eta=s.eta, clip=s.clip or None, variance=config.diffusion.variance, parameterization=config.diffusion.parameterization,
         mesh=mesh, sigma_data=config_lib.sigma_data_of(config),
     )
-    ncols = s.num // num_classes if (labels is not None and s.num % num_classes == 0) else None
+    ncols = s.num // num_classes if (by_class and s.num % num_classes == 0) else None
     return images_lib.save_grid(x, path, ncols=ncols) if jax.process_index() == 0 else path
 
 
