@@ -18,7 +18,8 @@ Three parts, each printed as a Markdown table:
    ``--levels`` (non-truncated augmentation: the same base samples noised to s = round(a T) - 1),
    and at ``--truncated_levels`` with truncated augmentation (the base stops at s). FID against
    the test images, class accuracy, precision, recall. Rows "real 14x14" upsample the real
-   test images' low-resolution copies instead: what the SR stage does when the base is perfect.
+   test images' low-resolution copies instead: what the SR stage does when the base is perfect;
+   the row "bicubic" upsamples the base samples by interpolation instead of an SR model.
 3. Cost: seconds per 28x28 sample, the cascade (base at 14x14 + SR at 28x28) against the
    single 28x28 model of configs/fashion_mnist.py (same sampler, steps and guidance; random
    params: the time does not depend on the weights), interleaved, ``--reps`` rounds of
@@ -147,6 +148,7 @@ def main():
             raw["results"][f"cascade/{name}/{source}/{level}"] = row
             print(row, flush=True)
 
+        add("bicubic", "base", 0.0, np.asarray(cascade.upsample(jnp.asarray(low), (28, 28), "bicubic")), labels, 0.0, low)
         for name, st in stages.items():
             for a in levels:
                 up, wall = timed(lambda: cascade.super_resolve(st.replace(aug_level=a), low, jax.random.key(2),

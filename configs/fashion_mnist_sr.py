@@ -34,8 +34,9 @@ def get_config(arg=None):
 
     # v-prediction (Salimans & Ho 2022): with eps-prediction, x0 = (x_t - sigma eps) / alpha
     # amplifies the network's error by sigma / alpha at high noise, exactly where the low-
-    # resolution input determines x0 best; an eps model at 1,000 steps gave speckled samples
-    # with DPM-Solver++ (PSNR 13.3 dB, consistency 0.33) and 16.9 dB with 100 DDPM steps.
+    # resolution input determines x0 best. Measured on 40 test images after 1,000 steps: eps
+    # gave speckled samples (PSNR 13.3 dB, consistency |down(SR) - low| 0.33 with DPM-Solver++;
+    # 16.9 dB and 0.18 with 100 DDPM steps), v gave 19.1 dB and 0.075 (19.6 dB with DDPM).
     c.diffusion.parameterization = "v"
 
     c.model.image_channels = 1  # cond["image"]: the upsampled 14x14 image, [B, 28, 28, 1]
