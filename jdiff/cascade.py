@@ -56,6 +56,7 @@ __all__ = [
     "blur",
     "cascade",
     "check_aug_level",
+    "conditioning_of_noisy",
     "downsample",
     "sr_conditioning",
     "super_resolve",
@@ -140,11 +141,12 @@ def sr_conditioning(schedule: Schedule, low: jax.Array, size: tuple[int, int], s
     """An SR network's conditioning for low-resolution images: ``{"image": upsample(z_s),
     "aug_level": s}`` with z_s = :func:`augment` (``low`` [B, h, w, C], ``s`` [B] int in [-1, T))."""
     z = augment(schedule, low, s, jax.random.normal(key, low.shape, low.dtype))
-    return {"image": upsample(z, size, method), "aug_level": jnp.asarray(s, jnp.float32)}
+    return conditioning_of_noisy(z, size, s, method)
 
 
-def _conditioning_of_noisy(z: jax.Array, size: tuple[int, int], s: jax.Array, method: str = "bicubic") -> dict:
-    """The same for an already-noised z_s (a truncated lower stage's output)."""
+def conditioning_of_noisy(z: jax.Array, size: tuple[int, int], s: jax.Array, method: str = "bicubic") -> dict:
+    """The conditioning of an already-noised z_s [B, h, w, C] at timesteps ``s`` [B] (a truncated
+    lower stage's output, or the training transform's draw): ``{"image": upsample(z_s), "aug_level": s}``."""
     return {"image": upsample(z, size, method), "aug_level": jnp.asarray(s, jnp.float32)}
 
 
@@ -204,9 +206,9 @@ class Stage:
             up = kw.get("method", "bicubic")
         fields = dict(
             module=loaded.model, params=loaded.params, schedule=loaded.schedule, image_shape=tuple(loaded.image_shape),
-            factor=factor, upsample_method=up, aug_level=float(c.sample.get("aug_level", 0.0)), method=c.sample.method, steps=c.sample.steps, eta=c.sample.eta,
-            guidance=float(c.sample.guidance), clip=c.sample.clip or None, variance=c.diffusion.variance,
-            parameterization=c.diffusion.parameterization,
+            factor=factor, upsample_method=up, aug_level=float(c.sample.get("aug_level", 0.0)),
+            method=c.sample.method, steps=c.sample.steps, eta=c.sample.eta, guidance=float(c.sample.guidance),
+            clip=c.sample.clip or None, variance=c.diffusion.variance, parameterization=c.diffusion.parameterization,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -307,7 +309,7 @@ def cascade(
         if i > 0:
             s = np.full((num,), levels[i], np.int32)
             if aug_mode == "truncated" or levels[i] < 0:
-                cond = _conditioning_of_noisy(jnp.asarray(x), st.image_shape[:2], jnp.asarray(s), st.upsample_method)
+                cond = conditioning_of_noisy(jnp.asarray(x), st.image_shape[:2], jnp.asarray(s), st.upsample_method)
             else:
                 cond = sr_conditioning(st.schedule, jnp.asarray(x), st.image_shape[:2], jnp.asarray(s),
                                        jax.random.fold_in(stage_key, 1), st.upsample_method)

@@ -82,9 +82,10 @@ def get(name: str, kwargs: Mapping[str, Any] | None = None, schedule: Any = None
     kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else (kwargs or {}))
     if "schedule" in kwargs:
         raise ValueError("config.data.transform_kwargs.schedule: set by the run (its diffusion process), not by the config")
-    extra = {"schedule": schedule} if "schedule" in inspect.signature(factory).parameters else {}
+    signature = inspect.signature(factory)
+    extra = {"schedule": schedule} if "schedule" in signature.parameters else {}
     try:
-        inspect.signature(factory).bind(**kwargs, **extra)
+        signature.bind(**kwargs, **extra)
     except TypeError as e:
         raise ValueError(f"config.data.transform_kwargs: {kwargs} do not fit transform {name!r} ({e})") from None
     return factory(**kwargs, **extra)
@@ -185,9 +186,8 @@ def super_resolution(factor: int = 2, method: str = "bicubic", max_aug_level: fl
             low = cascade.blur(low, sigma, radius)
         s = cascade.aug_timestep(max_aug_level * u[:, 2], T)
         eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), low.shape[1:], low.dtype))(keys)
-        z = cascade.augment(schedule, low, s, eps)
-        up = cascade.upsample(z, (h, w), method)
-        return {**batch, "cond": {**batch.get("cond", {}), "image": up, "aug_level": s.astype(jnp.float32)}}
+        cond = cascade.conditioning_of_noisy(cascade.augment(schedule, low, s, eps), (h, w), s, method)
+        return {**batch, "cond": {**batch.get("cond", {}), **cond}}
 
     return transform
 
