@@ -24,8 +24,10 @@ from jdiff import conditioning, edm, guidance, parallel, samplers
 __all__ = ["balanced_labels", "generate", "model_fn_for", "null_cond_for"]
 
 # The value each droppable kind takes in the null half of classifier-free guidance (broadcast
-# per example by guidance.classifier_free); "label" is the module's num_classes.
-_NULL_VALUES = {"context": 0.0, "context_mask": False, "control": 0.0}
+# per example by guidance.classifier_free); "label" is the module's num_classes. A ControlNet's
+# control image is not among them: it steers both halves (the ControlNet paper's default, Zhang
+# et al. 2023 sec. 3.4, and the train step never drops it).
+_NULL_VALUES = {"context": 0.0, "context_mask": False}
 
 
 def balanced_labels(num: int, num_classes: int) -> np.ndarray:
@@ -41,7 +43,7 @@ def balanced_labels(num: int, num_classes: int) -> np.ndarray:
 
 def null_cond_for(cond: Mapping[str, Any], num_classes: int | None) -> dict:
     """The ``null_cond`` of :func:`jdiff.guidance.classifier_free` for conditioning with ``cond``'s
-    keys: the null class for "label", zeros / an empty mask for context and control."""
+    keys: the null class for "label", zeros / an empty mask for context (a control image is kept)."""
     null = {}
     for k in cond:
         if k == "label":

@@ -22,6 +22,14 @@ given image (.png or .npz with "image" [h, w, C] or [N, h, w, C] in [-1, 1]) of 
 SR model's input size. A base whose output size is not the SR model's input, an SR workdir of
 another kind, or a level outside [0, 1] is an error before anything is loaded.
 
+ControlNet (jdiff.controlnet; Zhang et al. 2023): a workdir trained with model_name='controlnet'
+(configs/fashion_mnist_controlnet.py) needs --control, its control image: a .png (grey levels
+/ 255, so white = 1) or .npz "image" [H, W, Cc] or [N, H, W, Cc] in [0, 1], of exactly the
+model's size and control channels (e.g. a Canny edge map). --control_scale s multiplies the
+ControlNet's residuals (0: the base model). --control_workdir adds ControlNets trained on the
+same base, summed (one --control each, in order: --workdir's first; one --control_scale for
+all or one each). --guidance guides the label; the control steers both halves.
+
 Editing (jdiff.editing, one device): --sdedit GUIDE --t0 N noises the guide to timestep N and
 denoises it with --method / --steps (default: the config's sampler at its density of steps);
 --repaint IMG --mask MASK keeps the mask's white (1) pixels and fills the rest with RePaint's
@@ -96,6 +104,12 @@ _SR_METHOD = flags.DEFINE_string("sr_method", None, "The SR stages' sampler (def
 _SR_STEPS = flags.DEFINE_integer("sr_steps", None, "The SR stages' network calls (default: each SR config's).")
 _SR_GUIDANCE = flags.DEFINE_float("sr_guidance", None, "The SR stages' classifier-free guidance weight (default: each "
                                   "SR config's sample.guidance).")
+_CONTROL = flags.DEFINE_multi_string("control", None, "A ControlNet's control image: .png (grey / 255) or .npz 'image' "
+                                     "[H, W, Cc] or [N, H, W, Cc] in [0, 1]; one per ControlNet.")
+_CONTROL_SCALE = flags.DEFINE_multi_float("control_scale", None, "Control strength: one for all ControlNets or one "
+                                          "each (default 1).")
+_CONTROL_WORKDIR = flags.DEFINE_multi_string("control_workdir", None, "More ControlNet workdirs trained on --workdir's "
+                                             "base, composed with it (their residuals summed).")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w >= 0.")
 _METHOD = flags.DEFINE_string("method", None, "A registered sampler: ddpm | ddim | euler_maruyama | ode | dpm_solver++ "
                               "(default: config).")
@@ -362,6 +376,84 @@ def _run_cascade(sr_dirs, levels, low, labels, mesh):
                            mesh=mesh), base.step
 
 
+def load_control(path: str, num: int, shape: tuple, flag: str = "--control") -> np.ndarray:
+    """``--control``: [1 or num, H, W, Cc] float32 in [0, 1] of exactly ``shape`` (H, W, Cc)."""
+    if not os.path.exists(path):
+        raise app.UsageError(f"{flag}: {path!r} does not exist")
+    if path.endswith(".png"):
+        x = _read_png(path, "L" if shape[-1] == 1 else "RGB", flag) / 255.0
+        x = x[..., None] if x.ndim == 2 else x
+    elif path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as npz:
+            if "image" not in npz.files:
+                raise app.UsageError(f"{flag}: {path!r} holds {npz.files}; expected an array named 'image'")
+            x = np.asarray(npz["image"], np.float32)
+    else:
+        raise app.UsageError(f"{flag}: expected a .png or .npz path, got {path!r}")
+    x = x[None] if x.ndim == 3 else x
+    if x.ndim != 4 or x.shape[0] not in (1, num) or tuple(x.shape[1:]) != tuple(shape):
+        raise app.UsageError(f"{flag}: expected a control image [{shape[0]}, {shape[1]}, {shape[2]}] (the model's size and "
+                             f"control channels) or [1 or {num}, {shape[0]}, {shape[1]}, {shape[2]}], got shape {x.shape} "
+                             f"from {path!r}")
+    if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
+        raise app.UsageError(f"{flag}: expected values in [0, 1], got range [{x.min()}, {x.max()}] from {path!r}")
+    return x.astype(np.float32)
+
+
+def _check_control_flags(cfg, model):
+    """``(control [1 or num, H, W, sum Cc], scales, [extra workdir configs])``, or None without
+    --control; every flag checked against the workdirs' configs before anything loads."""
+    cc = network.control_channels(model)
+    controls, scales, extra = _CONTROL.value or [], _CONTROL_SCALE.value, _CONTROL_WORKDIR.value or []
+    if not cc:
+        if controls or scales or extra:
+            raise app.UsageError(f"--control / --control_scale / --control_workdir: {_WORKDIR.value!r} is not a ControlNet "
+                                 f"workdir (model_name {cfg.model_name!r}); expected one trained with model_name='controlnet'")
+        return None
+    if not controls:
+        raise app.UsageError(f"--control: {_WORKDIR.value!r} is a ControlNet ({cc} control channel(s)); pass its control "
+                             "image (.png or .npz), e.g. a Canny edge map of the model's size")
+    shape = _image_shape(cfg)
+    channels = [cc]
+    for w in extra:
+        c2 = common.load_workdir_config(w)
+        m2 = network.build_model(c2)
+        if cfg.model_name != "controlnet" or c2.model_name != "controlnet":
+            raise app.UsageError(f"--control_workdir: {w!r} ({c2.model_name!r}) and --workdir ({cfg.model_name!r}) must "
+                                 "both be plain ControlNet workdirs (model_name 'controlnet') to compose")
+        if c2.get("base_workdir", "") != cfg.get("base_workdir", "") or _image_shape(c2) != shape:
+            raise app.UsageError(f"--control_workdir: {w!r} adapts {c2.get('base_workdir', '')!r}, --workdir adapts "
+                                 f"{cfg.get('base_workdir', '')!r}; expected ControlNets of one base")
+        channels.append(network.control_channels(m2))
+    if len(controls) != len(channels):
+        raise app.UsageError(f"--control: expected {len(channels)} control image(s), one per ControlNet (--workdir and "
+                             f"{len(extra)} --control_workdir), got {len(controls)}")
+    images = [load_control(p, _NUM.value, shape[:2] + (c,)) for p, c in zip(controls, channels)]
+    n = max(x.shape[0] for x in images)
+    control = np.concatenate([np.broadcast_to(x, (n,) + x.shape[1:]) for x in images], axis=-1)
+    if scales is not None and len(scales) not in (1, len(channels)):
+        raise app.UsageError(f"--control_scale: expected 1 or {len(channels)} values, got {len(scales)}")
+    if scales is not None and not all(np.isfinite(scales)):
+        raise app.UsageError(f"--control_scale: expected finite values, got {scales}")
+    scales = None if scales is None else (tuple(scales) * len(channels) if len(scales) == 1 else tuple(scales))
+    return control, scales, extra
+
+
+def _controlled(loaded, scales, extra, mesh):
+    """The network and params to sample: --workdir's ControlNet composed with --control_workdir's
+    at --control_scale (LoRA factors merged into the weights first)."""
+    from jdiff import controlnet
+    from jdiff.models.lora import merged as _merged
+
+    model, params = _merged(loaded.model, loaded.params)
+    if extra:
+        nets = [(model, params)] + [_merged(l.model, l.params) for l in (load_for_sampling(w, mesh) for w in extra)]
+        model, params = controlnet.compose(nets, scales if scales is not None else 1.0)
+    elif scales is not None:
+        model = controlnet.with_scale(model, scales)
+    return model, params
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -423,6 +515,9 @@ def main(argv):
     if _COND_IMAGE.value and not image_channels:
         raise app.UsageError("--cond_image: this model takes no image conditioning (config.model.image_channels=0)")
     cond_image = load_cond_image(_COND_IMAGE.value, _NUM.value, image_channels) if _COND_IMAGE.value else None
+    control_request = _check_control_flags(cfg, model)
+    if control_request is not None and (edit is not None or cascade_request is not None):
+        raise app.UsageError("--control: not combined with editing or cascade flags")
     common.configure_devices()  # one XLA CPU device per core: the rows are split over them
     common.configure_compilation_cache()
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -434,6 +529,11 @@ def main(argv):
     loaded = load_for_sampling(_WORKDIR.value, mesh)
     model = loaded.model
     cond = {} if cond_image is None else {"image": resize_cond_image(cond_image, _NUM.value, loaded.image_shape)}
+    params = loaded.params
+    if control_request is not None:
+        control, scales, extra = control_request
+        model, params = _controlled(loaded, scales, extra, mesh)
+        cond["control"] = np.broadcast_to(control, (_NUM.value,) + control.shape[1:]).astype(np.float32)
     s = cfg.sample
     method = _METHOD.value or s.method
     steps = _STEPS.value if _STEPS.value is not None else s.steps
@@ -452,7 +552,7 @@ def main(argv):
         x = _run_edit(edit, loaded, labels, cond, g, method, steps, eta, cfg)
     else:
         x = generate(
-            model, loaded.params, loaded.schedule, loaded.image_shape, _NUM.value, jax.random.key(_SEED.value),
+            model, params, loaded.schedule, loaded.image_shape, _NUM.value, jax.random.key(_SEED.value),
             labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
             method=method, steps=steps, eta=eta, clip=s.clip or None,
             variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,

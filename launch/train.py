@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from jdiff import data as data_lib
 from jdiff import parallel
+from jdiff.train import adapt
 from jdiff.train.loop import train_and_evaluate
 from launch import common
 
@@ -45,7 +46,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.configure_logging()
-    config = _CONFIG.value
+    config = adapt.resolve_base(_CONFIG.value)  # ControlNet / DreamBooth / LoRA: the base workdir's network
     # Before anything touches a device: the CPU device count, then jax.distributed.
     common.configure_devices(config, data_lib.get_dataset(config.data).image_shape)
     common.configure_compilation_cache()

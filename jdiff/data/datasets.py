@@ -15,6 +15,13 @@ the batch settings that :mod:`jdiff.data.pipeline` takes, are left alone):
   data_dir     fashion_mnist: the directory of its IDX files (default the Debian location
                /usr/share/datasets/fashion-mnist), else the TFDS data_dir of the fallback
   data_dir, image_key, label_key, download   TFDS, as in :func:`tfds_source`
+  path         arrays: an ``.npz`` file with "image" [N, H, W, C] float in [-1, 1] and
+               optionally "label" [N] int, "loss_weight" [N] float (per-example weights of
+               the train step's loss) and "num_classes" (a scalar; default max label + 1);
+               e.g. a DreamBooth set written by ``jdiff.adapt.dreambooth_arrays``
+  control      "" (none) or a control kind of :mod:`jdiff.data.controls` ("canny", "mask"):
+               the source gains "control" [N, H, W, 1], computed once at load from the images
+               (ControlNet training pairs); control_kwargs are its keyword arguments
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jdiff.data import controls as controls_lib
 from jdiff.data import digits as digits_lib
 from jdiff.data import fashion_mnist as fashion_mnist_lib
 from jdiff.data import shapes as shapes_lib
@@ -30,8 +38,9 @@ from jdiff.data.tfds_source import UnknownDatasetError, tfds_source
 
 __all__ = ["Dataset", "get_dataset", "DATA_CONFIG_KEYS", "BUILTIN_DATASETS"]
 
-BUILTIN_DATASETS = ("digits", "shapes", "fashion_mnist", "fashion_mnist_sample")
-DATA_CONFIG_KEYS = ("name", "split", "resolution", "num_examples", "seed", "data_dir", "image_key", "label_key", "download")
+BUILTIN_DATASETS = ("digits", "shapes", "fashion_mnist", "fashion_mnist_sample", "arrays")
+DATA_CONFIG_KEYS = ("name", "split", "resolution", "num_examples", "seed", "data_dir", "image_key", "label_key", "download",
+                    "path", "control", "control_kwargs")
 _SHAPES_SPLITS = ("train", "test")
 _SHAPES_DEFAULT_NUM_EXAMPLES = {"train": 10_000, "test": 1_000}
 
@@ -63,6 +72,54 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
     """
     if not hasattr(config, "get"):
         raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
+    control = config.get("control", "") or ""
+    kwargs = config.get("control_kwargs", None) or {}
+    kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+    if control and control not in controls_lib.CONTROL_KINDS:
+        raise ValueError(f"control: expected '' or one of {controls_lib.CONTROL_KINDS}, got {control!r}")
+    dataset = _get_dataset(config, split)
+    if not control:
+        return dataset
+    if not isinstance(dataset.source, dict):
+        raise ValueError(f"control: {control!r} control images are computed from in-memory arrays; dataset "
+                         f"{dataset.name!r} is a TFDS source (convert it to an 'arrays' .npz first)")
+    source = dict(dataset.source)
+    source["control"] = controls_lib.control_images(control, source["image"], **kwargs)
+    return dataset._replace(source=source)
+
+
+def _load_arrays(path: Any) -> tuple[dict, int | None]:
+    import os
+
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path: expected the .npz file of the 'arrays' dataset, got {path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"path: {path!r} is not a file; expected an .npz with 'image' [N, H, W, C]")
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    if "image" not in arrays or arrays["image"].ndim != 4 or not len(arrays["image"]):
+        raise ValueError(f"path: {path!r} needs 'image' [N, H, W, C] with N > 0; it has "
+                         f"{ {k: v.shape for k, v in arrays.items()} }")
+    n = len(arrays["image"])
+    unknown = sorted(set(arrays) - {"image", "label", "loss_weight", "num_classes"})
+    if unknown:
+        raise ValueError(f"path: {path!r} has unknown arrays {unknown}; expected image, label, loss_weight, num_classes")
+    source = {"image": arrays["image"].astype(np.float32)}
+    num_classes = None
+    if "label" in arrays:
+        source["label"] = arrays["label"].astype(np.int32)
+        num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else int(source["label"].max()) + 1
+    if "loss_weight" in arrays:
+        source["loss_weight"] = arrays["loss_weight"].astype(np.float32)
+    for k, v in source.items():
+        if len(v) != n:
+            raise ValueError(f"path: {path!r}: {k!r} has {len(v)} rows, 'image' has {n}")
+    return source, num_classes
+
+
+def _get_dataset(config: Any, split: str | None) -> Dataset:
+    if not hasattr(config, "get"):
+        raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
     get = config.get
     name = get("name", None)
     if not isinstance(name, str) or not name:
@@ -87,6 +144,10 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
             images, labels = fashion_mnist_lib.load_fashion_mnist_sample(resolution)
         source = {"image": images, "label": labels}
         return Dataset(source, images.shape[1:], fashion_mnist_lib.FASHION_MNIST_NUM_CLASSES, name, split)
+
+    if name == "arrays":
+        source, num_classes = _load_arrays(get("path", None))
+        return Dataset(source, tuple(source["image"].shape[1:]), num_classes, name, split)
 
     if name == "shapes":
         if split not in _SHAPES_SPLITS:

@@ -1,7 +1,8 @@
 """Flax (linen) networks. They know nothing of diffusion: no schedules, only (x, t, cond)."""
 
-from jdiff.models import classifier, layers, registry, unet
+from jdiff.models import classifier, controlnet, layers, lora, registry, unet
 from jdiff.models.classifier import NoiseAwareClassifier
+from jdiff.models.controlnet import ControlledUNet, ControlNet
 from jdiff.models.layers import (
     AttentionBlock,
     AttentionPool2d,
@@ -13,6 +14,7 @@ from jdiff.models.layers import (
     fourier_features,
     sinusoidal_embedding,
 )
+from jdiff.models.lora import LoRA
 from jdiff.models.registry import MODELS, build, register, resolve
 from jdiff.models.unet import EncoderOutput, UNet, UNetDecoder, UNetEncoder, cifar10_ddpm_unet, module_from_config
 
@@ -22,6 +24,9 @@ __all__ = [
     "UNetDecoder",
     "EncoderOutput",
     "NoiseAwareClassifier",
+    "ControlNet",
+    "ControlledUNet",
+    "LoRA",
     "cifar10_ddpm_unet",
     "module_from_config",
     "MODELS",

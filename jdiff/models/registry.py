@@ -14,11 +14,12 @@ from typing import Any, Dict, Type
 import flax.linen as nn
 
 from jdiff.models.classifier import NoiseAwareClassifier
+from jdiff.models.controlnet import ControlledUNet
 from jdiff.models.unet import UNet, module_from_config
 
 __all__ = ["MODELS", "register", "resolve", "build"]
 
-MODELS: Dict[str, Type[nn.Module]] = {"unet": UNet, "classifier": NoiseAwareClassifier}
+MODELS: Dict[str, Type[nn.Module]] = {"unet": UNet, "classifier": NoiseAwareClassifier, "controlnet": ControlledUNet}
 
 
 def _check_module_class(name: str, cls: Any) -> None:

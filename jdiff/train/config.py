@@ -14,16 +14,19 @@ from jdiff import conditioning, diffusion, losses, schedules
 # process or data); train/sample/logging settings may change between restarts.
 INCOMPATIBLE_SECTIONS = (
     "model_name", "model", "diffusion", "data.name", "data.resolution", "data.transform", "data.transform_kwargs",
-    "train.trainable", "seed",
+    "data.control", "data.control_kwargs", "data.path", "train.trainable", "seed",
 )
 # Free-form sections: their keys belong to the module / transform they configure, which checks them.
-FREE_FORM_SECTIONS = ("model", "data.transform_kwargs")
+FREE_FORM_SECTIONS = ("model", "data.transform_kwargs", "data.control_kwargs")
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every key a training config may have, with its default. Experiment configs start here."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # base PRNG seed: params init, per-step noise (fold_in(step)), data order
+    # The trained workdir an adaptation (ControlNet, DreamBooth, LoRA) starts from: its network
+    # fields, diffusion section and params are taken over at launch (jdiff.train.adapt). "": none.
+    c.base_workdir = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "digits"  # "digits" | "shapes" | any TFDS name (tfds.data_source)
@@ -38,6 +41,11 @@ def base_config() -> ml_collections.ConfigDict:
     # registered with jdiff.train.transforms.register, or "package.module:factory".
     c.data.transform = ""
     c.data.transform_kwargs = ml_collections.ConfigDict()  # keyword arguments of the transform's factory
+    # A ControlNet's control image, computed from each image at load (jdiff.data.controls):
+    # "" none, "canny" (edges), "mask" (the shapes generator's object mask).
+    c.data.control = ""
+    c.data.control_kwargs = ml_collections.ConfigDict()  # e.g. sigma for "canny"
+    c.data.path = ""  # data.name = "arrays": the .npz file (image, label, loss_weight)
 
     # The network: a name in the model registry (jdiff.models.MODELS, jdiff.models.register) or
     # "package.module:Class", built by jdiff.models.build(model_name, model).
@@ -99,6 +107,13 @@ def base_config() -> ml_collections.ConfigDict:
     # A workdir whose newest EMA params initialise every param with the same path (and shape)
     # before training starts (e.g. the frozen part of a fine-tune). "": none.
     c.train.init_from = ""
+    # Where init_from's params go: "destination_prefix=source_prefix" strings, e.g. a ControlNet's
+    # ("base/=", "control_0/encoder/=encoder/") (the frozen U-Net, and the trainable copy of its
+    # encoder). Empty: every path maps to itself.
+    c.train.init_map = ()
+    # Classes added to a class-conditional network (DreamBooth's identifier): the source class
+    # each new class row of init_from's class embedding starts from, e.g. (3,). The null row moves last.
+    c.train.init_new_classes_from = ()
 
     c.sample = ml_collections.ConfigDict()
     c.sample.num = 64
@@ -162,7 +177,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.diffusion.weighting: expected one of {losses.WEIGHTINGS}, got {d.weighting!r}")
     if d.variance not in diffusion.VARIANCE_TYPES:
         raise ValueError(f"config.diffusion.variance: expected one of {diffusion.VARIANCE_TYPES}, got {d.variance!r}")
-    if (d.variance in ("learned_range", "learned")) != bool(config.model.get("learn_sigma", False)):
+    model_fields = config.model.get("model", config.model) if config.model_name == "lora" else config.model
+    if (d.variance in ("learned_range", "learned")) != bool(model_fields.get("learn_sigma", False)):
         raise ValueError(
             f"config.model.learn_sigma={config.model.get('learn_sigma', False)} does not match "
             f"config.diffusion.variance={d.variance!r}: learned variances need learn_sigma=True and vice versa"
@@ -180,6 +196,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.model_name: expected a model name such as 'unet', got {config.model_name!r}")
     if not isinstance(config.train.init_from, str):
         raise ValueError(f"config.train.init_from: expected a workdir path or '', got {config.train.init_from!r}")
+    from jdiff.train.state import parse_init_map
+
+    parse_init_map(tuple(config.train.init_map) if isinstance(config.train.init_map, list) else config.train.init_map)
+    ncf = config.train.init_new_classes_from
+    if isinstance(ncf, str) or not isinstance(ncf, (tuple, list)) or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in ncf):
+        raise ValueError(f"config.train.init_new_classes_from: expected a tuple of class ids >= 0, got {ncf!r}")
+    if (config.train.init_map or ncf) and not config.train.init_from:
+        raise ValueError("config.train.init_map / init_new_classes_from: given without config.train.init_from "
+                         f"(init_map={tuple(config.train.init_map)}, init_new_classes_from={tuple(ncf)})")
+    if not isinstance(config.get("base_workdir", ""), str):
+        raise ValueError(f"config.base_workdir: expected a workdir path or '', got {config.base_workdir!r}")
     if not isinstance(config.eval.evaluator, str):
         raise ValueError(f"config.eval.evaluator: expected an evaluator name or '', got {config.eval.evaluator!r}")
     for name in ("num_samples", "bpd_examples"):

@@ -36,11 +36,13 @@ from jdiff import parallel, samplers
 from jdiff.evaluation import evaluators
 from jdiff.evaluation.workdir import evaluate_loaded
 from jdiff.inference import balanced_labels, generate
+from jdiff.train import adapt
 from jdiff.train import config as config_lib
 from jdiff.train import network
 from jdiff.train.checkpoint import Checkpointer
 from jdiff.train.network import build_model, init_params
-from jdiff.train.state import TrainState, create_train_state, make_optimizer, overlay_params, param_paths, split_params
+from jdiff.train.state import (TrainState, create_train_state, make_optimizer, map_params, overlay_params, param_paths,
+                               split_params)
 from jdiff.train.step import make_train_step
 from jdiff.workdir import Loaded, load_config, load_params
 
@@ -151,6 +153,13 @@ def _check_conditioning(config: ml_collections.ConfigDict, model, dataset, trans
     if getattr(model, "aug_level_embedding", False) and "aug_level" not in cond:
         raise ValueError("config.model.aug_level_embedding: True needs cond['aug_level'] in every batch, but no batch "
                          f"transform provides it (config.data.transform={config.data.transform!r})")
+    cc = network.control_channels(model)
+    if cc and not config.data.get("control", ""):
+        raise ValueError(f"config.data.control: the model reads a {cc}-channel control image (a ControlNet), but no "
+                         f"control kind is set (config.data.control={config.data.get('control', '')!r}); expected 'canny' or 'mask'")
+    if config.data.get("control", "") and not cc:
+        raise ValueError(f"config.data.control: {config.data.control!r} makes control images, but the model reads none "
+                         f"(config.model_name={config.model_name!r}); expected '' or a ControlNet model ('controlnet')")
     d = config.diffusion
     if d.p_uncond > 0:
         full = network.example_batch(model, dataset.image_shape, transform)["cond"]
@@ -165,9 +174,9 @@ def _check_conditioning(config: ml_collections.ConfigDict, model, dataset, trans
 def validate_run(config: ml_collections.ConfigDict, model, dataset, schedule, transform=None) -> None:
     """Everything about a run that can be checked before training: the sample and eval sections
     (used only at the end), the conditioning the batches carry. Raises ValueError naming the key."""
-    if config.model.get("num_classes", None) not in (None, dataset.num_classes):
+    if getattr(model, "num_classes", None) not in (None, dataset.num_classes):
         raise ValueError(
-            f"config.model.num_classes: {config.model.num_classes} does not match dataset "
+            f"config.model.num_classes: {model.num_classes} does not match dataset "
             f"{config.data.name!r} with {dataset.num_classes} classes"
         )
     _check_conditioning(config, model, dataset, transform)
@@ -179,8 +188,10 @@ def validate_run(config: ml_collections.ConfigDict, model, dataset, schedule, tr
 
 
 def _init_from(config: ml_collections.ConfigDict, params, trainable: str, mesh: Mesh):
-    """``params`` with the matching paths replaced by ``config.train.init_from``'s EMA params."""
+    """``params`` with the matching paths replaced by ``config.train.init_from``'s EMA params,
+    moved by ``config.train.init_map`` / ``init_new_classes_from`` (:func:`map_params`)."""
     source, step = load_params(config.train.init_from, mesh)
+    source = map_params(source, tuple(config.train.init_map), tuple(config.train.init_new_classes_from))
     params, loaded = overlay_params(params, source)
     logging.info("initialised %d of %d param arrays from %s (step %d)", len(loaded), len(param_paths(params)),
                  config.train.init_from, step)
@@ -220,6 +231,7 @@ def train_and_evaluate(
     True}`` without samples or evaluation; the same call resumes from exactly that step.
     """
     # Everything that can be wrong with the request is checked before the workdir is touched.
+    config = adapt.resolve_base(config)  # an adaptation takes its network from config.base_workdir
     config_lib.validate(config)
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_batch_size(config.data.batch_size, mesh, "config.data.batch_size")

@@ -41,10 +41,24 @@ def class_conditional(module) -> bool:
     return getattr(module, "num_classes", None) is not None
 
 
+def control_channels(module) -> int:
+    """The channels of the ``cond["control"]`` a module reads (a ControlNet's), 0 for none."""
+    return int(sum(getattr(module, "control_channels", ()) or ()))
+
+
 def step_batch(data_batch: Mapping[str, Any], module) -> dict:
-    """A data batch ``{"image", "label"?, ...}`` -> the train step's ``{"image", "cond"}``:
-    labels become ``cond["label"]`` for a class-conditional module and are dropped otherwise."""
+    """A data batch ``{"image", "label"?, "control"?, "loss_weight"?, ...}`` -> the train step's
+    ``{"image", "cond", "loss_weight"?}``: labels become ``cond["label"]`` for a class-conditional
+    module and are dropped otherwise; control images become ``cond["control"]`` for a module
+    that reads one (a ControlNet); per-example loss weights pass through."""
     batch = {"image": data_batch["image"], "cond": {}}
+    if "loss_weight" in data_batch:
+        batch["loss_weight"] = data_batch["loss_weight"]
+    if control_channels(module):
+        if "control" not in data_batch:
+            raise ValueError(f"data: the model reads a control image ({control_channels(module)} channels) but the "
+                             "dataset has none; expected config.data.control, e.g. 'canny'")
+        batch["cond"]["control"] = data_batch["control"]
     if class_conditional(module):
         if "label" not in data_batch:
             raise ValueError(f"data: the model is class-conditional (num_classes={module.num_classes}) but the "
@@ -70,6 +84,8 @@ def example_cond(module, image_shape: tuple[int, int, int], batch_size: int = 1)
         cond["context_mask"] = np.ones((batch_size, 1), bool)
     if getattr(module, "aug_level_embedding", False):
         cond["aug_level"] = np.zeros((batch_size,), np.float32)
+    if control_channels(module):
+        cond["control"] = np.zeros((batch_size, h, w, control_channels(module)), np.float32)
     return cond
 
 
@@ -79,6 +95,8 @@ def example_batch(module, image_shape: tuple[int, int, int], transform: Callable
     With ``fill``, kinds the module needs that neither provides are added as zeros (so init
     works; a training batch without them still fails in the network, with its own message)."""
     data = {"image": np.zeros((1,) + tuple(image_shape), np.float32), "label": np.zeros((1,), np.int32)}
+    if control_channels(module):
+        data["control"] = np.zeros((1,) + tuple(image_shape[:2]) + (control_channels(module),), np.float32)
     batch = step_batch(data, module)
     if transform is not None:
         batch = transform(batch, jax.random.key(0))
@@ -134,19 +152,29 @@ def conditioning_from_data(config: ml_collections.ConfigDict, module, images: np
                            key: jax.Array) -> dict:
     """The conditioning the transform derives from data images (e.g. the low-resolution copy of
     a super-resolution model), for sample grids and evaluation of models that need more than a
-    label: ``{"image": [N, H, W, Ci], ...}`` without the label (the caller picks labels)."""
+    label: ``{"image": [N, H, W, Ci], ...}`` without the label (the caller picks labels). A
+    ControlNet's ``"control"`` is the ``config.data.control`` image of each image
+    (:func:`jdiff.data.controls.control_images`)."""
+    extra = {}
+    if control_channels(module):
+        from jdiff.data import controls
+
+        kwargs = config.data.get("control_kwargs", None) or {}
+        kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+        extra["control"] = controls.control_images(config.data.control, np.asarray(images, np.float32), **kwargs)
     transform = make_transform(config)
     if transform is None:
-        return {}
+        return extra
     batch = {"image": jnp.asarray(images, jnp.float32), "cond": {}}
     if labels is not None and class_conditional(module):
         batch["cond"]["label"] = jnp.asarray(labels, jnp.int32)
     batch = transform(batch, key)
     cond = dict(batch.get("cond", {}))
     cond.pop("label", None)
-    return {k: np.asarray(v) for k, v in cond.items()}
+    return {**{k: np.asarray(v) for k, v in cond.items()}, **extra}
 
 
 def needs_data_conditioning(module) -> bool:
     """Whether sampling the module needs conditioning other than a class label."""
-    return bool(getattr(module, "image_channels", 0)) or bool(getattr(module, "aug_level_embedding", False))
+    return (bool(getattr(module, "image_channels", 0)) or bool(getattr(module, "aug_level_embedding", False))
+            or bool(control_channels(module)))

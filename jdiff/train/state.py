@@ -205,3 +205,55 @@ def overlay_params(params: Any, source: Any, name: str = "config.train.init_from
             value = jnp.zeros(flat[k].shape, flat[k].dtype).at[..., : value.shape[-2], :].set(value)
         out[k] = value
     return traverse_util.unflatten_dict(out, sep="/"), shared
+
+
+def parse_init_map(init_map: Any, name: str = "config.train.init_map") -> list[tuple[str, str]]:
+    """``("dst=src", ...)`` -> ``[(dst, src), ...]``, checked (each entry one "=" and prefixes
+    that are "" or end in "/"); an empty map is ``[("", "")]`` (every path to itself)."""
+    if isinstance(init_map, str) or not isinstance(init_map, (tuple, list)):
+        raise ValueError(f"{name}: expected a tuple of 'destination_prefix=source_prefix' strings, got {init_map!r}")
+    pairs = []
+    for entry in init_map:
+        if not isinstance(entry, str) or entry.count("=") != 1:
+            raise ValueError(f"{name}: expected 'destination_prefix=source_prefix' strings (one '='), got {entry!r}")
+        dst, src = entry.split("=")
+        for p in (dst, src):
+            if p and not p.endswith("/"):
+                raise ValueError(f"{name}: prefix {p!r} of {entry!r} must be '' or end in '/' (a whole module path)")
+        pairs.append((dst, src))
+    return pairs or [("", "")]
+
+
+def map_params(source: Any, init_map: Any = (), new_classes_from: Any = (), name: str = "config.train.init_from") -> dict:
+    """Another network's params moved to this network's paths (what ``config.train.init_from``
+    loads, before :func:`overlay_params`).
+
+    ``init_map`` (:func:`parse_init_map`): every source path starting with ``src`` appears again
+    as ``dst + rest``, once per pair, so one source can fill several places (a ControlNet's frozen
+    base U-Net ``base/...`` and the trainable copy of its encoder ``control_0/encoder/...``).
+    ``new_classes_from`` ``(c_1, ..., c_n)``: every class embedding (a path ending in
+    ``class_embed/embedding``, ``[K + 1, D]`` with the null class last) gains n rows, the i-th a
+    copy of row c_i, before the null row: ``[E_0..E_{K-1}, E_{c_1}..E_{c_n}, E_null]`` (the
+    "[V] class" identifier of DreamBooth, Ruiz et al. 2023, sec. 3.2, starting as its class).
+    """
+    flat = traverse_util.flatten_dict(_plain(source), sep="/")
+    new_from = [int(c) for c in new_classes_from]
+    out = {}
+    for dst, src in parse_init_map(init_map):
+        for k, v in flat.items():
+            if k.startswith(src):
+                out[dst + k[len(src):]] = v
+    if new_from:
+        tables = [k for k in out if k.endswith("class_embed/embedding")]
+        if not tables:
+            raise ValueError(f"config.train.init_new_classes_from: {tuple(new_from)} adds classes, but {name} has no class "
+                             "embedding (a 'class_embed/embedding' param); expected a class-conditional source model")
+        for k in tables:
+            table = jnp.asarray(out[k])
+            num_classes = table.shape[0] - 1
+            bad = [c for c in new_from if not 0 <= c < num_classes]
+            if bad:
+                raise ValueError(f"config.train.init_new_classes_from: classes {bad} are not classes of {name} "
+                                 f"({num_classes} classes, 0..{num_classes - 1})")
+            out[k] = jnp.concatenate([table[:num_classes], table[jnp.asarray(new_from)], table[num_classes:]], axis=0)
+    return traverse_util.unflatten_dict(out, sep="/")
