@@ -22,6 +22,9 @@ given image (.png or .npz with "image" [h, w, C] or [N, h, w, C] in [-1, 1]) of 
 SR model's input size. A base whose output size is not the SR model's input, an SR workdir of
 another kind, or a level outside [0, 1] is an error before anything is loaded.
 
+--adapter FILE samples an adaptation (the adapter.msgpack launch.train / launch.finetune write in a
+LoRA, ControlNet or DreamBooth workdir: its trained params alone) on the base model --workdir.
+
 ControlNet (jdiff.controlnet; Zhang et al. 2023): a workdir trained with model_name='controlnet'
 (configs/fashion_mnist_controlnet.py) needs --control, its control image: a .png (grey levels
 / 255, so white = 1) or .npz "image" [H, W, Cc] or [N, H, W, Cc] in [0, 1], of exactly the
@@ -110,6 +113,8 @@ _CONTROL_SCALE = flags.DEFINE_multi_float("control_scale", None, "Control streng
                                           "each (default 1).")
 _CONTROL_WORKDIR = flags.DEFINE_multi_string("control_workdir", None, "More ControlNet workdirs trained on --workdir's "
                                              "base, composed with it (their residuals summed).")
+_ADAPTER = flags.DEFINE_string("adapter", None, "An adapter file (adapter.msgpack of a LoRA / ControlNet / DreamBooth "
+                                "workdir): sample it on the base --workdir.")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w >= 0.")
 _METHOD = flags.DEFINE_string("method", None, "A registered sampler: ddpm | ddim | euler_maruyama | ode | dpm_solver++ "
                               "(default: config).")
@@ -472,6 +477,15 @@ def main(argv):
         raise app.UsageError(f"--guidance: {g} guides towards labels, but --null_label samples the null class; expected 0")
     # The flags are checked against the workdir's config before any checkpoint is read.
     cfg = common.load_workdir_config(_WORKDIR.value)
+    if _ADAPTER.value:
+        from jdiff.train import adapt
+
+        try:
+            cfg = adapt.adapter_config(_ADAPTER.value)
+        except ValueError as e:
+            raise app.UsageError(f"--{e}") from None
+        if _CONTROL_WORKDIR.value:
+            raise app.UsageError("--control_workdir: not with --adapter (compose ControlNet workdirs)")
     model = network.build_model(cfg)
     num_classes = getattr(model, "num_classes", None)
     edit = _check_edit_flags(cfg, model)
@@ -526,10 +540,15 @@ def main(argv):
         x, step = _run_cascade(*cascade_request, labels, mesh)
         _write(x, labels, num_classes, step)
         return
-    loaded = load_for_sampling(_WORKDIR.value, mesh)
+    if _ADAPTER.value:
+        loaded = adapt.load_adapter(_ADAPTER.value, _WORKDIR.value, mesh)
+    else:
+        loaded = load_for_sampling(_WORKDIR.value, mesh)
     model = loaded.model
     cond = {} if cond_image is None else {"image": resize_cond_image(cond_image, _NUM.value, loaded.image_shape)}
-    params = loaded.params
+    from jdiff.models.lora import merged
+
+    model, params = merged(model, loaded.params)  # LoRA factors merged into the kernels: the base's cost
     if control_request is not None:
         control, scales, extra = control_request
         model, params = _controlled(loaded, scales, extra, mesh)

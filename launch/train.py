@@ -54,6 +54,8 @@ def main(argv):
     metrics = train_and_evaluate(config, _WORKDIR.value, mesh=parallel.make_mesh(_NUM_DEVICES.value),
                                  fsdp=_FSDP.value)
     if jax.process_index() == 0:
+        if config.get("base_workdir", "") and config.train.trainable and not metrics.get("preempted"):
+            metrics["adapter"] = adapt.export_adapter(_WORKDIR.value)  # the trained part alone (LoRA, ControlNet)
         print(json.dumps(metrics, indent=1))
 
 

@@ -127,3 +127,110 @@ def resolve_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             else:
                 out.train.init_map = base_init_map(name, None, len(model.get("control_channels", (1,))))
     return out
+
+
+ADAPTER_FILE = "adapter.msgpack"
+_ADAPTER_FORMAT = "jdiff.adapter"
+
+
+def export_adapter(workdir: str, path: str | None = None) -> str:
+    """Write the trained part of an adaptation workdir alone (EMA of the ``config.train.trainable``
+    params: LoRA factors, a ControlNet, a new class row) with its resolved config, to ``path``
+    (default WORKDIR/adapter.msgpack); :func:`load_adapter` rebuilds the whole network from it and
+    the base workdir. Returns the path."""
+    import json
+    import os
+
+    import flax.serialization
+    import jax
+    import numpy as np
+
+    from jdiff.train.state import split_params
+    from jdiff.workdir import load_for_sampling
+
+    config = load_config(workdir)
+    if not config.get("base_workdir", "") or not config.train.trainable:
+        raise ValueError(f"workdir: {workdir!r} is not an adaptation with frozen params (base_workdir "
+                         f"{config.get('base_workdir', '')!r}, train.trainable {config.train.trainable!r})")
+    loaded = load_for_sampling(workdir)
+    trainable, _ = split_params(loaded.params, config.train.trainable)
+    payload = {"format": _ADAPTER_FORMAT, "version": 1, "config": json.dumps(config.to_dict()),
+               "image_shape": list(loaded.image_shape), "step": loaded.step,
+               "trainable": jax.tree.map(np.asarray, jax.device_get(trainable))}
+    path = path or os.path.join(workdir, ADAPTER_FILE)
+    with open(path + ".tmp", "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(payload))
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def _read_adapter(path: str) -> dict:
+    import json
+    import os
+
+    import flax.serialization
+
+    if not isinstance(path, str) or not os.path.isfile(path):
+        raise ValueError(f"adapter: no file at {path!r}; expected an adapter.msgpack written by jdiff.train.adapt.export_adapter")
+    with open(path, "rb") as f:
+        try:
+            payload = flax.serialization.msgpack_restore(f.read())
+        except Exception as e:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
+            raise ValueError(f"adapter: {path!r} is not a msgpack file ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != _ADAPTER_FORMAT:
+        raise ValueError(f"adapter: {path!r} is not a jdiff adapter file (no {_ADAPTER_FORMAT!r} marker)")
+    payload["config"] = json.loads(payload["config"])
+    return payload
+
+
+def adapter_config(path: str) -> ml_collections.ConfigDict:
+    """The resolved config stored in an adapter file (reads nothing else)."""
+    from jdiff.train import config as config_lib
+
+    saved = _read_adapter(path)["config"]
+    merged = config_lib.base_config().to_dict()
+    for k, v in saved.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "model":
+            merged[k].update(v)
+        else:
+            merged[k] = v
+    return ml_collections.ConfigDict(merged)
+
+
+def load_adapter(path: str, base_workdir: str | None = None, mesh=None):
+    """A :class:`jdiff.workdir.Loaded` rebuilt from an adapter file and its base workdir (default:
+    the one it was trained on): the base's EMA params moved by ``train.init_map`` /
+    ``init_new_classes_from``, then the adapter's trained params on top. Raises a ValueError if
+    the base is not the network the adapter was trained on (a param missing or of another shape)."""
+    import jax
+
+    from jdiff.train import config as config_lib
+    from jdiff.train import network
+    from jdiff.train.state import map_params, overlay_params, param_paths
+    from jdiff.workdir import Loaded, load_params
+
+    payload = _read_adapter(path)
+    config = adapter_config(path)
+    base_dir = base_workdir or config.base_workdir
+    base = load_config(base_dir)
+    if base.model_name != "unet":
+        raise ValueError(f"base_workdir: {base_dir!r} holds a {base.model_name!r} network; expected the U-Net the adapter "
+                         "was trained on")
+    model = network.build_model(config)
+    shape = tuple(payload["image_shape"])
+    template = jax.eval_shape(lambda k: network.init_params(model, shape, k, cond=network.example_cond(model, shape)),
+                              jax.random.key(0))
+    template = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), template)
+    source, _ = load_params(base_dir, mesh)
+    source = map_params(source, tuple(config.train.init_map), tuple(config.train.init_new_classes_from),
+                        name="base_workdir")
+    try:
+        params, from_base = overlay_params(template, source, name="base_workdir")
+        params, from_adapter = overlay_params(params, payload["trainable"], name="adapter")
+    except ValueError as e:
+        raise ValueError(f"{e} (adapter {path!r} on base {base_dir!r})") from None
+    missing = sorted(set(param_paths(params)) - set(from_base) - set(from_adapter))
+    if missing:
+        raise ValueError(f"base_workdir: {base_dir!r} lacks {len(missing)} params the adapter {path!r} needs, e.g. "
+                         f"{missing[:3]}; expected the base it was trained on")
+    return Loaded(config, model, params, config_lib.make_schedule(config), shape, int(payload["step"]))

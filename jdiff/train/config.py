@@ -127,6 +127,16 @@ def base_config() -> ml_collections.ConfigDict:
     # fraction of the schedule in [0, 1] (jdiff.cascade; launch.sample --aug_level overrides).
     c.sample.aug_level = 0.0
 
+    # DreamBooth (Ruiz et al. 2023; launch.finetune, jdiff.dreambooth): the subject's class, the
+    # prior-preservation weight lambda and the frozen base's class samples it applies to.
+    c.dreambooth = ml_collections.ConfigDict()
+    c.dreambooth.subject_class = -1  # required by launch.finetune: the class the subject belongs to
+    c.dreambooth.prior_weight = 1.0  # lambda of eq. 2; 0 trains on the subject alone
+    c.dreambooth.num_prior = 200  # class samples of the frozen base, generated once before fine-tuning
+    c.dreambooth.prior_guidance = 1.0  # their classifier-free guidance weight
+    c.dreambooth.max_shift = 2  # subject augmentation: integer shifts in pixels ...
+    c.dreambooth.flip = True  # ... and left-right flips
+
     c.eval = ml_collections.ConfigDict()
     c.eval.num_samples = 0  # 0: no evaluation at the end of training
     c.eval.bpd_examples = 0  # test examples for the bits/dim bound (T network calls each)
