@@ -5,6 +5,7 @@
     python -m benchmarks.adapt dreambooth --base workdirs/fm28 --subject workdirs/subject --subject_class 9 \
         --db lambda1=workdirs/fm28_db --db lambda0=workdirs/fm28_db0 --db lora_lambda1=workdirs/fm28_db_lora
     python -m benchmarks.adapt cost --base workdirs/fm28 --subject workdirs/subject --subject_class 9
+    python -m benchmarks.adapt controlnet_shapes --base workdirs/shapes16 --cn workdirs/shapes16_cn --num 500
 
 controlnet: the first --num test images' Canny edges (sigma 1.5, jdiff.data.controls) are the
 controls, their labels the labels; each ControlNet samples them (DPM-Solver++ --steps, guidance
@@ -13,6 +14,10 @@ the base model without control, bit for bit). Adherence: edge F1 (1-pixel tolera
 Canny(sample) and the control; quality: FID against the 10,000 test images and class accuracy
 (the Fashion-MNIST classifier). The row "real" scores the test images themselves (F1 of their own
 edges is 1 by construction: it shows the FID floor at this sample count).
+
+controlnet_shapes: the same on the shapes test split at 16x16 with the object masks as controls;
+adherence is the IoU of the generated shape's mask (pixels brighter than the background) with the
+control mask (jdiff.data.controls.mask_iou).
 
 dreambooth: for the base and each fine-tuned workdir, --num_subject samples of "[V]" (label 10)
 and --num_class samples of the plain subject class, both at guidance --guidance. Fidelity:
@@ -86,6 +91,36 @@ def controlnet_part(a):
             print(common.markdown_table(["model", "scale", "edge F1", "precision", "recall", "FID", "class acc", "s"],
                                         rows[-1:]), flush=True)
     print(common.markdown_table(["model", "scale", "edge F1", "precision", "recall", "FID", "class acc", "s"], rows))
+    return rows
+
+
+def controlnet_shapes_part(a):
+    """Mask adherence on the shapes test split: IoU of the generated shape's mask (pixels brighter
+    than the background) with the control mask, per scale; no feature network scores shapes."""
+    from jdiff import controlnet
+    from jdiff.data import get_dataset
+
+    ds = get_dataset({"name": "shapes", "split": "test", "resolution": 16, "num_examples": a.num})
+    x, y = ds.source["image"], ds.source["label"].astype(np.int32)
+    masks = controls.mask(x)
+    key = jax.random.key(a.seed)
+    header = ["model", "scale", "mask IoU", "per-image IoU", "s"]
+    rows = [["real test images", "-", 1.0, 1.0, "-"]]
+    loaded = load_for_sampling(a.cn)
+    module, _ = merged(loaded.model, loaded.params)
+    for scale in a.scales:
+        out, secs = _sample(loaded, a.num, key, y, a.guidance, a.steps, {"control": masks},
+                            model=controlnet.with_scale(module, scale))
+        r = controls.mask_iou(controls.mask(out), masks)
+        rows.append(["ControlNet" + (" = base, no control" if scale == 0 else ""), scale, r["iou"], r["iou_mean"],
+                     round(secs, 1)])
+        print(common.markdown_table(header, rows[-1:]), flush=True)
+        if a.grid_dir:
+            from jdiff import images
+
+            images.save_grid(np.concatenate([masks[:8].repeat(3, -1) * 2 - 1, out[:8]]),
+                             os.path.join(a.grid_dir, f"shapes_controlnet_{scale}.png"), ncols=8)
+    print(common.markdown_table(header, rows))
     return rows
 
 
@@ -225,7 +260,7 @@ def load_base_data(base):
 
 def main():
     p = common.base_parser(__doc__.splitlines()[0])
-    p.add_argument("part", choices=["controlnet", "dreambooth", "cost"])
+    p.add_argument("part", choices=["controlnet", "controlnet_shapes", "dreambooth", "cost"])
     p.add_argument("--base", required=True)
     p.add_argument("--cn", default=None)
     p.add_argument("--cn_lora", default=None)
@@ -244,7 +279,7 @@ def main():
     a = p.parse_args()
     info = common.machine_info()
     print(common.header(f"Adaptation: {a.part}", "python -m benchmarks.adapt " + " ".join(sys.argv[1:]), info), flush=True)
-    rows = {"controlnet": controlnet_part, "dreambooth": dreambooth_part, "cost": cost_part}[a.part](a)
+    rows = {"controlnet": controlnet_part, "controlnet_shapes": controlnet_shapes_part, "dreambooth": dreambooth_part, "cost": cost_part}[a.part](a)
     common.write_json(a.json, {"info": info, "args": vars(a), "rows": rows})
 
 

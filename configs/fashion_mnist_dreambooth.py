@@ -41,7 +41,7 @@ def get_config(arg=None):
     if small:
         return c
     c.data.batch_size = 32
-    c.optim.lr = 1e-4
+    c.optim.lr = 5e-4 if arg == "lora" else 1e-4  # a larger rate for the LoRA factors (common practice; not tuned here)
     c.optim.warmup_steps = 20
     c.optim.ema_decay = 0.99
     c.train.num_steps = 400

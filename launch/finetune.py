@@ -29,6 +29,7 @@ from jdiff import dreambooth
 from jdiff import data as data_lib
 from jdiff.train import adapt
 from jdiff.train import config as config_lib
+from jdiff.train import network
 from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/fashion_mnist_dreambooth.py", "Path to a get_config() file.",
@@ -86,6 +87,7 @@ def prepare(config, workdir: str, subject_dir: str):
     try:
         out = adapt.resolve_base(out)
         config_lib.validate(out)
+        network.build_model(out)  # the network's own checks (e.g. a LoRA rank), before anything is written
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     with out.unlocked():

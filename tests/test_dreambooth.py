@@ -150,18 +150,18 @@ def test_lora_finetune_trains_factors_only_and_its_adapter_rebuilds_the_network(
     assert os.path.getsize(tuned["adapter"]) * 5 < ckpt_bytes
 
 
-def test_adapter_refuses_another_base(tuned, tmp_path):
-    from jdiff.train.loop import train_and_evaluate
+def test_adapter_refuses_another_base(tuned, tmp_path, monkeypatch):
+    import jdiff.workdir
 
-    c = fashion_mnist.get_config("small")
-    c.model.base_channels = 16
-    c.train.num_steps = 1
-    c.eval.num_samples = 0
-    c.eval.evaluator = ""
-    other = str(tmp_path / "other")
-    train_and_evaluate(c, other)
-    with pytest.raises(ValueError, match=r"base_workdir: param .* has shape .* in the source but .* in this network"):
-        adapt.load_adapter(tuned["adapter"], other)
+    base, step = jdiff.workdir.load_params(tuned["base"])
+    # Another base: the same paths, one kernel of another shape (e.g. a wider network).
+    other = jax.tree_util.tree_map_with_path(
+        lambda p, v: np.zeros(v.shape[:-1] + (v.shape[-1] + 1,), v.dtype) if "conv_in" in str(p) and "kernel" in str(p) else v,
+        base)
+    monkeypatch.setattr(jdiff.workdir, "load_params", lambda workdir, mesh=None: (other, step))
+    with pytest.raises(ValueError, match=r"base_workdir: param .*conv_in/kernel' has shape .* in the source but .* in "
+                                         r"this network"):
+        adapt.load_adapter(tuned["adapter"])
     with pytest.raises(ValueError, match="adapter: no file at"):
         adapt.load_adapter(str(tmp_path / "none.msgpack"))
 
@@ -171,7 +171,7 @@ def _finetune(*args):
                           timeout=600)
 
 
-@pytest.mark.parametrize("case", ["empty", "size", "no_dir", "class", "weight", "base", "settings"])
+@pytest.mark.parametrize("case", ["empty", "size", "no_dir", "class", "weight", "base", "settings", "rank"])
 def test_finetune_refuses_bad_input_before_writing(tuned, tmp_path, case):
     subject = tuned["subject"]
     extra = []
@@ -186,6 +186,8 @@ def test_finetune_refuses_bad_input_before_writing(tuned, tmp_path, case):
         extra = ["--config.dreambooth.subject_class=10"]
     elif case == "weight":
         extra = ["--config.dreambooth.prior_weight=-0.5"]
+    elif case == "rank":
+        extra = ["--config.model.rank=0"]
     match = {
         "empty": "--subject: .* holds no .png image",
         "size": r"--subject: .*0.png' is 16x16; expected the model's size 28x28",
@@ -194,6 +196,7 @@ def test_finetune_refuses_bad_input_before_writing(tuned, tmp_path, case):
         "weight": "--config.dreambooth.prior_weight: expected a finite lambda >= 0, got -0.5",
         "base": "--config.base_workdir: .* has no config.json",
         "settings": "--workdir: .* holds a DreamBooth set made with other settings",
+        "rank": "rank: expected an int >= 1, got 0",
     }[case]
     base = str(tmp_path / "nobase") if case == "base" else tuned["base"]
     workdir = tuned["lora"] if case == "settings" else str(tmp_path / "w")

@@ -28,7 +28,6 @@ separately add their (scaled) residuals, the zero-shot composition of the paper 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -90,9 +89,7 @@ class ControlNet(_UNetFields):
             h = nn.swish(nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
                                  kernel_init=default_init(), name=f"hint_conv_{i}")(h))
         hint = _zero_conv(self.base_channels, 3, self.dtype, "hint_zero_conv")(h)
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(UNetEncoder)
-                  if f.name not in ("parent", "name")}
-        enc = UNetEncoder(**fields, name="encoder")(x, t, cond, train, input_residual=hint)
+        enc = UNetEncoder(**self._shared_fields(UNetEncoder), name="encoder")(x, t, cond, train, input_residual=hint)
         outs = list(enc.skips) + [enc.h]
         return tuple(_zero_conv(o.shape[-1], 1, self.dtype, f"zero_conv_{i}")(o).astype(jnp.float32)
                      for i, o in enumerate(outs))
@@ -131,10 +128,6 @@ class ControlledUNet(_UNetFields):
                              f"(control_channels={tuple(cc)}), got {cs!r}")
         super().__post_init__()
 
-    def _fields(self, cls) -> dict:
-        names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
-        return {n: getattr(self, n) for n in names if hasattr(self, n)}
-
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[Mapping[str, jax.Array]] = None,
                  train: bool = False) -> jax.Array:
@@ -151,9 +144,9 @@ class ControlledUNet(_UNetFields):
         residuals = None
         start = 0
         for i, (c, s) in enumerate(zip(self.control_channels, self.control_scale)):
-            net = ControlNet(**self._fields(ControlNet), name=control_name(i))
+            net = ControlNet(**self._shared_fields(ControlNet), name=control_name(i))
             res = net(x, t, control[..., start:start + c], cond, train)
             start += c
             res = tuple(float(s) * r for r in res) if float(s) != 1.0 else res
             residuals = res if residuals is None else tuple(a + b for a, b in zip(residuals, res))
-        return UNet(**self._fields(UNet), name="base")(x, t, cond, train, skip_residuals=residuals)
+        return UNet(**self._shared_fields(UNet), name="base")(x, t, cond, train, skip_residuals=residuals)
