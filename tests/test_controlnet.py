@@ -340,3 +340,17 @@ def test_adaptation_configs_refuse_bad_bases(trained, tmp_path, case):
     with pytest.raises(ValueError, match=match):
         train_and_evaluate(c, str(workdir))
     assert not workdir.exists()
+
+
+def test_guidance_keeps_the_control_in_both_halves(nets):
+    """Classifier-free guidance on the label of a ControlNet: (1 + w) F(x, y, c) - w F(x, null, c),
+    the control c in the unconditional half too (Zhang et al. 2023, sec. 3.4)."""
+    from jdiff.inference import model_fn_for
+
+    x, t, labels = nets["x"], nets["t"], nets["labels"]
+    params = {"base": nets["params"]["base"], "control_0": _perturb(nets["params"]["control_0"], 11)}
+    fn = model_fn_for(nets["cn"], params, labels, 2.0, cond={"control": nets["control"]})
+    apply = jax.jit(nets["cn"].apply)
+    cond = apply({"params": params}, x, t, {"label": labels, "control": nets["control"]})
+    null = apply({"params": params}, x, t, {"label": jnp.full_like(labels, 3), "control": nets["control"]})
+    np.testing.assert_allclose(jax.jit(fn)(x, t), 3.0 * cond - 2.0 * null, rtol=1e-5, atol=1e-5)
