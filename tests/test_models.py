@@ -830,7 +830,7 @@ def test_registry_builds_by_name_and_import_path():
     assert type(dense) is flax.linen.Dense and dense.features == 5
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['bogus'\]"):
         models.build("unet", {"bogus": 1})
-    with pytest.raises(ValueError, match=r"name: unknown model 'unett'; expected one of \['classifier', 'unet'"):
+    with pytest.raises(ValueError, match=r"name: unknown model 'unett'; expected one of \['classifier', 'controlnet', 'lora', 'unet'"):
         models.build("unett", {})
     with pytest.raises(ValueError, match=r"cannot import module 'jdiff.no_such_module'"):
         models.build("jdiff.no_such_module:Net", {})
