@@ -8,7 +8,7 @@ guidance on the label with the control kept in both halves). This module adds:
 - :func:`with_scale`: the same network with other control strengths (the residuals of
   ControlNet i are multiplied by ``s_i``; 0 gives the base model exactly);
 - :func:`compose`: ControlNets trained separately on one base, summed (the paper's
-  multi-condition composition, sec. 4.4: ``y = F(x; Theta) + sum_i s_i Z_i(...)``), as one
+  multi-condition composition: ``y = F(x; Theta) + sum_i s_i Z_i(...)``), as one
   ControlledUNet whose ``cond["control"]`` is their control images concatenated on channels.
 """
 

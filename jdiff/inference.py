@@ -26,7 +26,7 @@ __all__ = ["balanced_labels", "generate", "model_fn_for", "null_cond_for"]
 # The value each droppable kind takes in the null half of classifier-free guidance (broadcast
 # per example by guidance.classifier_free); "label" is the module's num_classes. A ControlNet's
 # control image is not among them: it steers both halves (the ControlNet paper's default, Zhang
-# et al. 2023 sec. 3.4, and the train step never drops it).
+# et al. 2023; the train step never drops it either).
 _NULL_VALUES = {"context": 0.0, "context_mask": False}
 
 

@@ -87,7 +87,7 @@ def test_at_init_samples_equal_the_base_models_bit_for_bit(nets, parameterizatio
 
 def test_scaled_and_composed_controls_equal_an_independent_assembly(nets):
     """y = F(x; base, skip_residuals = sum_i s_i R_i): ControlledUNet against the U-Net fed with
-    residuals computed by separately applied ControlNets (paper eq. 2, sec. 4.4)."""
+    residuals computed by separately applied ControlNets (paper eq. 2 and its multi-condition composition)."""
     x, t, labels = nets["x"], nets["t"], nets["labels"]
     trained = _perturb(nets["params"]["control_0"], 7)
     c1, c2 = nets["control"], 1.0 - nets["control"][..., :1]
@@ -344,7 +344,7 @@ def test_adaptation_configs_refuse_bad_bases(trained, tmp_path, case):
 
 def test_guidance_keeps_the_control_in_both_halves(nets):
     """Classifier-free guidance on the label of a ControlNet: (1 + w) F(x, y, c) - w F(x, null, c),
-    the control c in the unconditional half too (Zhang et al. 2023, sec. 3.4)."""
+    the control c in the unconditional half too (Zhang et al. 2023's default)."""
     from jdiff.inference import model_fn_for
 
     x, t, labels = nets["x"], nets["t"], nets["labels"]

@@ -5,7 +5,7 @@ training pairs, the sample grids' controls and the adherence measurement:
 
   ``"canny"``  Canny edges (Canny 1986; ``skimage.feature.canny``) of the image's luminance in
                [0, 1]: ``[N, H, W, 1]`` float32, 1 on an edge, 0 elsewhere (the paper's
-               "Canny edge" condition, sec. 4).
+               "Canny edge" condition).
   ``"mask"``   the shapes generator's object mask, recovered exactly from the image (a pixel
                belongs to the shape iff its colour differs from the black background,
                :mod:`jdiff.data.shapes`): ``[N, H, W, 1]`` float32 in {0, 1} (the paper's

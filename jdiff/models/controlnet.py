@@ -5,7 +5,7 @@ Eq. (2) of the paper, for one locked block F(.; Theta) and its trainable copy Th
 
     y_c = F(x; Theta) + Z(F(x + Z(c; Theta_z1); Theta_c); Theta_z2)
 
-with Z zero-initialised convolutions. For the whole U-Net (paper sec. 3.2, fig. 3):
+with Z zero-initialised convolutions. For the whole U-Net (the paper's Stable Diffusion construction, adapted):
 
 - the control image c ``[B, H, W, Cc]`` passes through a small hint encoder (3x3 convs and
   SiLU at full resolution; the paper's 4x4 stride-2 convs map 512 pixels to a 64 latent, which
@@ -21,8 +21,8 @@ with Z zero-initialised convolutions. For the whole U-Net (paper sec. 3.2, fig. 
 At initialisation every zero conv outputs exact zeros, so the controlled network's output is
 the base network's, bit for bit. :class:`ControlledUNet` holds the base U-Net (``"base"``) and
 one or more ControlNets (``"control_0"``, ``"control_1"``, ...): several ControlNets trained
-separately add their (scaled) residuals, the zero-shot composition of the paper (sec. 4.4,
-"multiple conditions"). The network knows nothing of diffusion: the train step makes only the
+separately add their (scaled) residuals, the zero-shot composition of the paper ("multiple
+conditions"). The network knows nothing of diffusion: the train step makes only the
 ``control_*`` params trainable (``config.train.trainable``).
 """
 

@@ -234,7 +234,7 @@ def map_params(source: Any, init_map: Any = (), new_classes_from: Any = (), name
     ``new_classes_from`` ``(c_1, ..., c_n)``: every class embedding (a path ending in
     ``class_embed/embedding``, ``[K + 1, D]`` with the null class last) gains n rows, the i-th a
     copy of row c_i, before the null row: ``[E_0..E_{K-1}, E_{c_1}..E_{c_n}, E_null]`` (the
-    "[V] class" identifier of DreamBooth, Ruiz et al. 2023, sec. 3.2, starting as its class).
+    "[V] class" identifier of DreamBooth, Ruiz et al. 2023, starting as its class).
     """
     flat = traverse_util.flatten_dict(_plain(source), sep="/")
     new_from = [int(c) for c in new_classes_from]
