@@ -24,7 +24,7 @@ from jdiff.train import network
 from jdiff.train.checkpoint import Checkpointer
 from jdiff.train.state import create_train_state, make_optimizer, merge_params
 
-__all__ = ["Loaded", "load_config", "load_for_sampling", "load_params"]
+__all__ = ["Loaded", "config_from_dict", "load_config", "load_for_sampling", "load_params"]
 
 
 class Loaded(NamedTuple):
@@ -54,7 +54,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise ValueError(f"workdir: {workdir!r} has no config.json; expected a directory written by launch.train")
     with open(path) as f:
-        saved = json.load(f)
+        return config_from_dict(json.load(f))
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A saved config (a workdir's config.json, an adapter's) over today's schema: keys added
+    since then get their defaults (:func:`jdiff.train.config.base_config`)."""
     merged = _deep_update(config_lib.base_config().to_dict(), saved)
     s = merged["sample"]
     # Configs written before samplers rejected eta for methods without one stored eta=0.0 for ddpm.

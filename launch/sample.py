@@ -139,13 +139,14 @@ def _read_png(path: str, mode: str, flag: str) -> np.ndarray:
         raise app.UsageError(f"{flag}: cannot read {path!r} as a PNG image ({e}); expected a readable .png file") from None
 
 
-def load_cond_image(path: str, num: int, channels: int, flag: str = "--cond_image") -> np.ndarray:
-    """``--cond_image`` (or another image ``flag``) as [1 or num, h, w, channels] float32 in
-    [-1, 1] (NumPy only, so it runs before jax.distributed is initialised)."""
+def _read_image_file(path: str, channels: int, flag: str) -> tuple[np.ndarray, bool]:
+    """``(x, from_png)``: a .png (converted to ``channels``, grey levels in [0, 255]) or a .npz's
+    "image" array (its only array if unnamed), as float32 with a leading batch axis when it had
+    none. NumPy only, so it runs before jax.distributed is initialised."""
     if not os.path.exists(path):
         raise app.UsageError(f"{flag}: {path!r} does not exist")
     if path.endswith(".png"):
-        x = _read_png(path, "L" if channels == 1 else "RGB", flag) / 127.5 - 1.0
+        x = _read_png(path, "L" if channels == 1 else "RGB", flag)
         x = x[..., None] if x.ndim == 2 else x
     elif path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as npz:
@@ -156,12 +157,19 @@ def load_cond_image(path: str, num: int, channels: int, flag: str = "--cond_imag
             else:
                 raise app.UsageError(f"{flag}: {path!r} holds {npz.files}; expected an array named 'image'")
         x = np.asarray(x, np.float32)
-        if not np.all(np.isfinite(x)) or x.min() < -1 or x.max() > 1:
-            raise app.UsageError(f"{flag}: expected finite values in [-1, 1], got range [{x.min()}, {x.max()}]")
     else:
         raise app.UsageError(f"{flag}: expected a .png or .npz path, got {path!r}")
-    if x.ndim == 3:
-        x = x[None]
+    return (x[None] if x.ndim == 3 else x), path.endswith(".png")
+
+
+def load_cond_image(path: str, num: int, channels: int, flag: str = "--cond_image") -> np.ndarray:
+    """``--cond_image`` (or another image ``flag``) as [1 or num, h, w, channels] float32 in
+    [-1, 1] (NumPy only, so it runs before jax.distributed is initialised)."""
+    x, from_png = _read_image_file(path, channels, flag)
+    if from_png:
+        x = x / 127.5 - 1.0
+    elif not np.all(np.isfinite(x)) or x.min() < -1 or x.max() > 1:
+        raise app.UsageError(f"{flag}: expected finite values in [-1, 1], got range [{x.min()}, {x.max()}]")
     if x.ndim != 4 or x.shape[0] not in (1, num) or x.shape[-1] != channels:
         raise app.UsageError(f"{flag}: expected [H, W, {channels}] or [1 or {num}, H, W, {channels}] "
                              f"(config.model.image_channels={channels}, --num={num}), got shape {x.shape}")
@@ -383,19 +391,8 @@ def _run_cascade(sr_dirs, levels, low, labels, mesh):
 
 def load_control(path: str, num: int, shape: tuple, flag: str = "--control") -> np.ndarray:
     """``--control``: [1 or num, H, W, Cc] float32 in [0, 1] of exactly ``shape`` (H, W, Cc)."""
-    if not os.path.exists(path):
-        raise app.UsageError(f"{flag}: {path!r} does not exist")
-    if path.endswith(".png"):
-        x = _read_png(path, "L" if shape[-1] == 1 else "RGB", flag) / 255.0
-        x = x[..., None] if x.ndim == 2 else x
-    elif path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as npz:
-            if "image" not in npz.files:
-                raise app.UsageError(f"{flag}: {path!r} holds {npz.files}; expected an array named 'image'")
-            x = np.asarray(npz["image"], np.float32)
-    else:
-        raise app.UsageError(f"{flag}: expected a .png or .npz path, got {path!r}")
-    x = x[None] if x.ndim == 3 else x
+    x, from_png = _read_image_file(path, shape[-1], flag)
+    x = x / 255.0 if from_png else x
     if x.ndim != 4 or x.shape[0] not in (1, num) or tuple(x.shape[1:]) != tuple(shape):
         raise app.UsageError(f"{flag}: expected a control image [{shape[0]}, {shape[1]}, {shape[2]}] (the model's size and "
                              f"control channels) or [1 or {num}, {shape[0]}, {shape[1]}, {shape[2]}], got shape {x.shape} "
@@ -444,15 +441,14 @@ def _check_control_flags(cfg, model):
     return control, scales, extra
 
 
-def _controlled(loaded, scales, extra, mesh):
-    """The network and params to sample: --workdir's ControlNet composed with --control_workdir's
-    at --control_scale (LoRA factors merged into the weights first)."""
+def _controlled(model, params, scales, extra, mesh):
+    """The network and params to sample: --workdir's ControlNet (LoRA factors already merged)
+    composed with --control_workdir's at --control_scale."""
     from jdiff import controlnet
-    from jdiff.models.lora import merged as _merged
+    from jdiff.models.lora import merged
 
-    model, params = _merged(loaded.model, loaded.params)
     if extra:
-        nets = [(model, params)] + [_merged(l.model, l.params) for l in (load_for_sampling(w, mesh) for w in extra)]
+        nets = [(model, params)] + [merged(l.model, l.params) for l in (load_for_sampling(w, mesh) for w in extra)]
         model, params = controlnet.compose(nets, scales if scales is not None else 1.0)
     elif scales is not None:
         model = controlnet.with_scale(model, scales)
@@ -551,7 +547,7 @@ def main(argv):
     model, params = merged(model, loaded.params)  # LoRA factors merged into the kernels: the base's cost
     if control_request is not None:
         control, scales, extra = control_request
-        model, params = _controlled(loaded, scales, extra, mesh)
+        model, params = _controlled(model, params, scales, extra, mesh)
         cond["control"] = np.broadcast_to(control, (_NUM.value,) + control.shape[1:]).astype(np.float32)
     s = cfg.sample
     method = _METHOD.value or s.method

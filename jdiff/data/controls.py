@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CONTROL_KINDS", "DEFAULT_CANNY_SIGMA", "canny", "mask", "control_images", "check_control",
+__all__ = ["CONTROL_KINDS", "DEFAULT_CANNY_SIGMA", "canny", "mask", "control_images", "from_config",
            "edge_f1", "mask_iou", "shape_mask"]
 
 CONTROL_KINDS = ("canny", "mask")
@@ -76,18 +76,12 @@ def control_images(kind: str, images: Any, **kwargs) -> np.ndarray:
     raise ValueError(f"kind: expected one of {CONTROL_KINDS}, got {kind!r}")
 
 
-def check_control(control: Any, shape: tuple, name: str = "control") -> np.ndarray:
-    """``control`` as float32 ``[N, H, W, Cc]`` if it has the (H, W, Cc) of ``shape`` and values in
-    [0, 1]; otherwise a ValueError naming ``name``."""
-    c = np.asarray(control)
-    if c.ndim != 4 or tuple(c.shape[1:]) != tuple(shape):
-        raise ValueError(f"{name}: expected [N, {shape[0]}, {shape[1]}, {shape[2]}] control images, got shape {c.shape}")
-    if not np.issubdtype(c.dtype, np.floating) and not np.issubdtype(c.dtype, np.bool_):
-        raise ValueError(f"{name}: expected float values in [0, 1], got dtype {c.dtype}")
-    c = c.astype(np.float32)
-    if c.size and (c.min() < 0 or c.max() > 1):
-        raise ValueError(f"{name}: expected values in [0, 1], got range [{c.min()}, {c.max()}]")
-    return c
+def from_config(data: Any, images: Any) -> np.ndarray:
+    """The control images a config's data section asks for (``data.control`` with
+    ``data.control_kwargs``; a dict or ConfigDict) of ``images``."""
+    kwargs = data.get("control_kwargs", None) or {}
+    kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+    return control_images(data.get("control", ""), images, **kwargs)
 
 
 def _dilate(e: np.ndarray, r: int) -> np.ndarray:
@@ -103,6 +97,15 @@ def _dilate(e: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
+def _binary_pair(pred: Any, target: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two ``[N, H, W(, 1)]`` maps as bool ``[N, H, W]`` (> 0.5), or a ValueError."""
+    p, t = (np.asarray(a) > 0.5 for a in (pred, target))
+    p, t = (a[..., 0] if a.ndim == 4 else a for a in (p, t))
+    if p.shape != t.shape or p.ndim != 3:
+        raise ValueError(f"pred, target: expected two [N, H, W] {what} of one shape, got {p.shape} and {t.shape}")
+    return p, t
+
+
 def edge_f1(pred: Any, target: Any, tolerance: int = 1) -> dict:
     """Edge adherence of predicted edges to target edges, both ``[N, H, W(, 1)]`` in {0, 1}.
 
@@ -110,14 +113,7 @@ def edge_f1(pred: Any, target: Any, tolerance: int = 1) -> dict:
     edge) / (predicted edge pixels); recall the same the other way round; F1 their harmonic
     mean. Returns the pooled ``{"precision", "recall", "f1"}`` over all N images and the
     per-image mean ``"f1_mean"`` (an image with no edges in either scores 1)."""
-    p = np.asarray(pred) > 0.5
-    t = np.asarray(target) > 0.5
-    if p.ndim == 4:
-        p = p[..., 0]
-    if t.ndim == 4:
-        t = t[..., 0]
-    if p.shape != t.shape or p.ndim != 3:
-        raise ValueError(f"pred, target: expected two [N, H, W] edge maps of one shape, got {p.shape} and {t.shape}")
+    p, t = _binary_pair(pred, target, "edge maps")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, np.integer)) or tolerance < 0:
         raise ValueError(f"tolerance: expected a non-negative int (pixels), got {tolerance!r}")
     tp_p = (p & _dilate(t, tolerance)).sum(axis=(1, 2))
@@ -126,24 +122,16 @@ def edge_f1(pred: Any, target: Any, tolerance: int = 1) -> dict:
     prec = tp_p.sum() / max(n_p.sum(), 1)
     rec = tp_t.sum() / max(n_t.sum(), 1)
     f1 = 2 * prec * rec / max(prec + rec, 1e-12)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        pi = np.where(n_p > 0, tp_p / np.maximum(n_p, 1), float(1))
-        ri = np.where(n_t > 0, tp_t / np.maximum(n_t, 1), float(1))
-        fi = np.where(pi + ri > 0, 2 * pi * ri / np.maximum(pi + ri, 1e-12), 0.0)
+    pi = np.where(n_p > 0, tp_p / np.maximum(n_p, 1), 1.0)
+    ri = np.where(n_t > 0, tp_t / np.maximum(n_t, 1), 1.0)
+    fi = np.where(pi + ri > 0, 2 * pi * ri / np.maximum(pi + ri, 1e-12), 0.0)
     return {"precision": float(prec), "recall": float(rec), "f1": float(f1), "f1_mean": float(fi.mean())}
 
 
 def mask_iou(pred: Any, target: Any) -> dict:
     """Intersection over union of binary masks ``[N, H, W(, 1)]``: pooled ``"iou"`` (sum of
     intersections / sum of unions) and the per-image mean ``"iou_mean"`` (empty vs empty = 1)."""
-    p = np.asarray(pred) > 0.5
-    t = np.asarray(target) > 0.5
-    if p.ndim == 4:
-        p = p[..., 0]
-    if t.ndim == 4:
-        t = t[..., 0]
-    if p.shape != t.shape or p.ndim != 3:
-        raise ValueError(f"pred, target: expected two [N, H, W] masks of one shape, got {p.shape} and {t.shape}")
+    p, t = _binary_pair(pred, target, "masks")
     inter = (p & t).sum(axis=(1, 2))
     union = (p | t).sum(axis=(1, 2))
     per = np.where(union > 0, inter / np.maximum(union, 1), 1.0)

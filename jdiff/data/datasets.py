@@ -73,8 +73,6 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
     if not hasattr(config, "get"):
         raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
     control = config.get("control", "") or ""
-    kwargs = config.get("control_kwargs", None) or {}
-    kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
     if control and control not in controls_lib.CONTROL_KINDS:
         raise ValueError(f"control: expected '' or one of {controls_lib.CONTROL_KINDS}, got {control!r}")
     dataset = _get_dataset(config, split)
@@ -84,7 +82,7 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
         raise ValueError(f"control: {control!r} control images are computed from in-memory arrays; dataset "
                          f"{dataset.name!r} is a TFDS source (convert it to an 'arrays' .npz first)")
     source = dict(dataset.source)
-    source["control"] = controls_lib.control_images(control, source["image"], **kwargs)
+    source["control"] = controls_lib.from_config(config, source["image"])
     return dataset._replace(source=source)
 
 

@@ -21,11 +21,20 @@ adaptation's workdir.
 from __future__ import annotations
 
 import copy
+import json
+import os
 
+import flax.serialization
+import jax
 import ml_collections
+import numpy as np
 
 from jdiff import data as data_lib
-from jdiff.workdir import load_config
+from jdiff import workdir as workdir_lib
+from jdiff.train import config as config_lib
+from jdiff.train import network
+from jdiff.train.state import map_params, overlay_params, param_paths, split_params
+from jdiff.workdir import Loaded, config_from_dict, load_config, load_for_sampling
 
 __all__ = ["ADAPTABLE_MODELS", "CONTROL_FIELDS", "resolve_base", "base_init_map"]
 
@@ -138,16 +147,6 @@ def export_adapter(workdir: str, path: str | None = None) -> str:
     params: LoRA factors, a ControlNet, a new class row) with its resolved config, to ``path``
     (default WORKDIR/adapter.msgpack); :func:`load_adapter` rebuilds the whole network from it and
     the base workdir. Returns the path."""
-    import json
-    import os
-
-    import flax.serialization
-    import jax
-    import numpy as np
-
-    from jdiff.train.state import split_params
-    from jdiff.workdir import load_for_sampling
-
     config = load_config(workdir)
     if not config.get("base_workdir", "") or not config.train.trainable:
         raise ValueError(f"workdir: {workdir!r} is not an adaptation with frozen params (base_workdir "
@@ -165,11 +164,6 @@ def export_adapter(workdir: str, path: str | None = None) -> str:
 
 
 def _read_adapter(path: str) -> dict:
-    import json
-    import os
-
-    import flax.serialization
-
     if not isinstance(path, str) or not os.path.isfile(path):
         raise ValueError(f"adapter: no file at {path!r}; expected an adapter.msgpack written by jdiff.train.adapt.export_adapter")
     with open(path, "rb") as f:
@@ -185,16 +179,7 @@ def _read_adapter(path: str) -> dict:
 
 def adapter_config(path: str) -> ml_collections.ConfigDict:
     """The resolved config stored in an adapter file (reads nothing else)."""
-    from jdiff.train import config as config_lib
-
-    saved = _read_adapter(path)["config"]
-    merged = config_lib.base_config().to_dict()
-    for k, v in saved.items():
-        if isinstance(v, dict) and isinstance(merged.get(k), dict) and k != "model":
-            merged[k].update(v)
-        else:
-            merged[k] = v
-    return ml_collections.ConfigDict(merged)
+    return config_from_dict(_read_adapter(path)["config"])
 
 
 def load_adapter(path: str, base_workdir: str | None = None, mesh=None):
@@ -202,13 +187,6 @@ def load_adapter(path: str, base_workdir: str | None = None, mesh=None):
     the one it was trained on): the base's EMA params moved by ``train.init_map`` /
     ``init_new_classes_from``, then the adapter's trained params on top. Raises a ValueError if
     the base is not the network the adapter was trained on (a param missing or of another shape)."""
-    import jax
-
-    from jdiff.train import config as config_lib
-    from jdiff.train import network
-    from jdiff.train.state import map_params, overlay_params, param_paths
-    from jdiff.workdir import Loaded, load_params
-
     payload = _read_adapter(path)
     config = adapter_config(path)
     base_dir = base_workdir or config.base_workdir
@@ -220,8 +198,8 @@ def load_adapter(path: str, base_workdir: str | None = None, mesh=None):
     shape = tuple(payload["image_shape"])
     template = jax.eval_shape(lambda k: network.init_params(model, shape, k, cond=network.example_cond(model, shape)),
                               jax.random.key(0))
-    template = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), template)
-    source, _ = load_params(base_dir, mesh)
+    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    source, _ = workdir_lib.load_params(base_dir, mesh)
     source = map_params(source, tuple(config.train.init_map), tuple(config.train.init_new_classes_from),
                         name="base_workdir")
     try:

@@ -159,9 +159,7 @@ def conditioning_from_data(config: ml_collections.ConfigDict, module, images: np
     if control_channels(module):
         from jdiff.data import controls
 
-        kwargs = config.data.get("control_kwargs", None) or {}
-        kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
-        extra["control"] = controls.control_images(config.data.control, np.asarray(images, np.float32), **kwargs)
+        extra["control"] = controls.from_config(config.data, np.asarray(images, np.float32))
     transform = make_transform(config)
     if transform is None:
         return extra
