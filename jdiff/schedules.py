@@ -21,6 +21,7 @@ __all__ = [
     "Schedule",
     "linear",
     "cosine",
+    "scaled_linear",
     "from_betas",
     "from_alphas_cumprod",
     "respace",
@@ -191,6 +192,15 @@ def linear(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02)
     if not 0 < beta_start <= beta_end < 1:
         raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
     return from_betas(np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64))
+
+
+def scaled_linear(num_timesteps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> Schedule:
+    """Latent diffusion's schedule (Rombach et al. 2022; diffusers' "scaled_linear"): betas =
+    linspace(sqrt(beta_start), sqrt(beta_end), T)^2. The defaults are Stable Diffusion's."""
+    _check_num_timesteps(num_timesteps)
+    if not 0 < beta_start <= beta_end < 1:
+        raise ValueError(f"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
+    return from_betas(np.linspace(math.sqrt(beta_start), math.sqrt(beta_end), num_timesteps, dtype=np.float64) ** 2)
 
 
 def cosine(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
@@ -482,8 +492,8 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
 
 
 def get(name: str, num_timesteps: int, **kwargs) -> Schedule:
-    """Schedule by name: ``"linear"`` or ``"cosine"`` (what configs use)."""
-    builders = {"linear": linear, "cosine": cosine}
+    """Schedule by name: ``"linear"``, ``"scaled_linear"`` or ``"cosine"`` (what configs use)."""
+    builders = {"linear": linear, "scaled_linear": scaled_linear, "cosine": cosine}
     if name not in builders:
         raise ValueError(f"schedule: expected one of {sorted(builders)}, got {name!r}")
     return builders[name](num_timesteps, **kwargs)

@@ -100,11 +100,11 @@ def load_for_sampling(workdir: str, mesh: Mesh | None = None) -> Loaded:
     """The newest checkpoint's EMA params with the network and schedule they were trained with,
     replicated on ``mesh`` (default: all devices), whatever mesh the checkpoint was written on."""
     config = load_config(workdir)
-    dataset = data_lib.get_dataset(config.data)
+    image_shape = data_lib.image_shape_of(config.data)
     model = network.build_model(config)
-    state = _restore(workdir, config, model, tuple(dataset.image_shape), mesh)
+    state = _restore(workdir, config, model, image_shape, mesh)
     params = merge_params(state.ema_params, state.frozen)
-    return Loaded(config, model, params, config_lib.make_schedule(config), tuple(dataset.image_shape), int(state.step))
+    return Loaded(config, model, params, config_lib.make_schedule(config), image_shape, int(state.step))
 
 
 def load_params(workdir: str, mesh: Mesh | None = None) -> tuple[Any, int]:

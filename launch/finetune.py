@@ -75,7 +75,7 @@ def prepare(config, workdir: str, subject_dir: str):
     g = db.prior_guidance
     if isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g) or g < 0:
         raise app.UsageError(f"--config.dreambooth.prior_guidance: expected a finite weight >= 0, got {g!r}")
-    shape = tuple(data_lib.get_dataset(base.data).image_shape)
+    shape = data_lib.image_shape_of(base.data)
     try:
         subject = dreambooth.load_subject(subject_dir, shape)
     except ValueError as e:

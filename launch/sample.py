@@ -188,7 +188,7 @@ def resize_cond_image(x: np.ndarray, num: int, image_shape: tuple) -> np.ndarray
 def _image_shape(cfg) -> tuple:
     from jdiff import data as data_lib
 
-    return tuple(data_lib.get_dataset(cfg.data).image_shape)
+    return data_lib.image_shape_of(cfg.data)
 
 
 def _load_edit_image(cfg, shape, flag: str, path: str) -> np.ndarray:

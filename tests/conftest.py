@@ -53,3 +53,26 @@ def pytest_unconfigure(config):
     owned = os.environ.get("JDIFF_TEST_OWNS_CACHE")
     if owned and not hasattr(config, "workerinput"):  # the controller (or a plain run) removes it
         shutil.rmtree(owned, ignore_errors=True)
+
+
+CONVERT_INSTALL = "pip install torch==2.13.0 && pip install -e '.[test,convert]'"
+
+
+def require_modules(*names: str):
+    """The named modules, imported; without one, the test skips, except in CI (``$CI`` set),
+    where CI installs them (``.ci/run``) and their absence is a failure. For the converters'
+    PyTorch oracles (torch, diffusers, guided_diffusion, safetensors)."""
+    import importlib
+
+    import pytest
+
+    out = []
+    for name in names:
+        try:
+            out.append(importlib.import_module(name))
+        except ImportError as e:
+            message = f"{name} is not installed ({e}); install it with: {CONVERT_INSTALL}"
+            if os.environ.get("CI"):
+                pytest.fail("CI is set, so the PyTorch oracle tests must run: " + message)
+            pytest.skip(message)
+    return out[0] if len(out) == 1 else tuple(out)

@@ -323,7 +323,7 @@ CONFIG_CASES = [
     Case("config-unknown-model-key", lambda: tiny_config(**{"model.widht": 3}),
          r"config.model: .*unknown key\(s\) \['widht'\] for UNet; expected a subset of \['base_channels'"),
     Case("config-schedule", lambda: tiny_config(**{"diffusion.schedule": "cosin"}),
-         r"config.diffusion.schedule: expected 'linear' or 'cosine', got 'cosin'"),
+         r"config.diffusion.schedule: expected 'linear', 'cosine' or 'scaled_linear', got 'cosin'"),
     Case("config-batch-size-0", lambda: tiny_config(**{"data.batch_size": 0}), r"config.data.batch_size: expected a positive int, got 0"),
     Case("config-p-uncond", lambda: tiny_config(**{"diffusion.p_uncond": 1.5}),
          r"config.diffusion.p_uncond: expected a probability in \[0, 1\), got 1\.5"),

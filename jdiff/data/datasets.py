@@ -36,11 +36,12 @@ from jdiff.data import fashion_mnist as fashion_mnist_lib
 from jdiff.data import shapes as shapes_lib
 from jdiff.data.tfds_source import UnknownDatasetError, tfds_source
 
-__all__ = ["Dataset", "get_dataset", "DATA_CONFIG_KEYS", "BUILTIN_DATASETS"]
+__all__ = ["Dataset", "get_dataset", "image_shape_of", "DATA_CONFIG_KEYS", "BUILTIN_DATASETS", "NO_DATASET"]
 
 BUILTIN_DATASETS = ("digits", "shapes", "fashion_mnist", "fashion_mnist_sample", "arrays")
+NO_DATASET = "none"  # an imported model's workdir: data.image_shape, no images
 DATA_CONFIG_KEYS = ("name", "split", "resolution", "num_examples", "seed", "data_dir", "image_key", "label_key", "download",
-                    "path", "control", "control_kwargs")
+                    "path", "control", "control_kwargs", "image_shape")
 _SHAPES_SPLITS = ("train", "test")
 _SHAPES_DEFAULT_NUM_EXAMPLES = {"train": 10_000, "test": 1_000}
 
@@ -86,6 +87,19 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
     return dataset._replace(source=source)
 
 
+def image_shape_of(config: Any) -> tuple[int, int, int]:
+    """``(H, W, C)`` of a data section: ``image_shape`` when it is set (an imported model's
+    workdir, which has no dataset), else the dataset's (:func:`get_dataset`)."""
+    if not hasattr(config, "get"):
+        raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
+    shape = tuple(config.get("image_shape", ()) or ())
+    if not shape:
+        return tuple(get_dataset(config).image_shape)
+    if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"image_shape: expected () or (H, W, C) positive ints, got {shape!r}")
+    return tuple(int(s) for s in shape)
+
+
 def _load_arrays(path: Any) -> tuple[dict, int | None]:
     import os
 
@@ -125,6 +139,12 @@ def _get_dataset(config: Any, split: str | None) -> Dataset:
     split = split if split is not None else get("split", "train")
     resolution = get("resolution", None)
 
+    if name == NO_DATASET:
+        raise ValueError(
+            f"name: {NO_DATASET!r}: this workdir has no dataset (an imported model; sampling needs only "
+            f"data.image_shape = {tuple(get('image_shape', ()) or ())}); training and evaluation need one: "
+            "set data.name (e.g. --config.data.name=cifar10, or launch.convert --data cifar10)"
+        )
     if name == "digits":
         side = digits_lib.DIGITS_SHAPE[0]
         if resolution not in (None, side):

@@ -26,7 +26,8 @@ class NoiseAwareClassifier(nn.Module):
     """Logits of p(y | x_t, t): ``NoiseAwareClassifier(...).apply(params, x, t) -> [B, num_classes]``.
 
     Fields: ``num_classes`` (outputs), ``pool`` ("attention" | "mean"), and the U-Net trunk's
-    fields (see :class:`~jdiff.models.unet.UNetEncoder`); the defaults follow ADM's classifier
+    fields (see :class:`~jdiff.models.unet.UNetEncoder`, the import fields included: OpenAI's
+    classifiers load through :mod:`jdiff.convert.openai`); the defaults follow ADM's classifier
     (scale-shift norm, residual up/down blocks) at a small width.
 
     Call: ``x: [B, H, W, C]`` float, ``t: [B]`` int or float, ``cond`` None or a
@@ -56,6 +57,12 @@ class NoiseAwareClassifier(nn.Module):
     fourier_scale: float = 16.0
     fourier_seed: int = 0
     dtype: Dtype = jnp.float32
+    num_head_channels: Optional[int] = None
+    norm_num_groups: Optional[int] = None
+    norm_eps: float = 1e-6
+    downsample_padding: int = 1
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 1:
@@ -84,12 +91,14 @@ class NoiseAwareClassifier(nn.Module):
             for k in ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
                       "dropout", "resblock_updown", "conv_resample", "scale_shift_norm", "mid_attention",
                       "image_channels", "context_dim", "aug_level_embedding",
-                      "time_embedding", "fourier_scale", "fourier_seed", "dtype")
+                      "time_embedding", "fourier_scale", "fourier_seed", "dtype", "num_head_channels",
+                      "norm_num_groups", "norm_eps", "downsample_padding", "flip_sin_to_cos", "freq_shift")
         }
         h = UNetEncoder(**trunk, name="encoder")(x, t, cond, train=train).h
-        h = nn.swish(group_norm(h.shape[-1], self.dtype, name="norm_out")(h))
+        h = nn.swish(group_norm(h.shape[-1], self.dtype, "norm_out", self.norm_num_groups, self.norm_eps)(h))
         if self.pool == "attention":
-            logits = AttentionPool2d(self.num_classes, self.num_heads, self.dtype, name="attention_pool")(h)
+            logits = AttentionPool2d(self.num_classes, self.num_heads, self.dtype, self.num_head_channels,
+                                     name="attention_pool")(h)
         else:
             logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                               kernel_init=default_init(), name="head")(h.mean(axis=(1, 2)))

@@ -36,6 +36,7 @@ __all__ = [
     "Downsample",
     "Upsample",
     "AttentionPool2d",
+    "heads_for",
     "upsample_nearest",
     "avg_pool_2x",
     "TIME_EMBEDDINGS",
@@ -116,9 +117,13 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-def group_norm(channels: int, dtype: Dtype, name: Optional[str] = None) -> GroupNorm:
-    """A :class:`GroupNorm` over ``channels`` with :func:`norm_groups` groups and float32 statistics."""
-    return GroupNorm(num_groups=norm_groups(channels), epsilon=1e-6, dtype=dtype, name=name)
+def group_norm(
+    channels: int, dtype: Dtype, name: Optional[str] = None, groups: Optional[int] = None, eps: float = 1e-6
+) -> GroupNorm:
+    """A :class:`GroupNorm` over ``channels`` with float32 statistics: ``groups`` groups (None:
+    :func:`norm_groups`, the rule jdiff's own networks use; imported networks give the count
+    they were trained with, e.g. 32) and ``eps`` (jdiff, DDPM: 1e-6; OpenAI, PyTorch: 1e-5)."""
+    return GroupNorm(num_groups=norm_groups(channels) if groups is None else groups, epsilon=eps, dtype=dtype, name=name)
 
 
 def _check_t(t: jax.Array, name: str = "t") -> jax.Array:
@@ -130,12 +135,17 @@ def _check_t(t: jax.Array, name: str = "t") -> jax.Array:
     return t
 
 
-def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+def sinusoidal_embedding(
+    t: jax.Array, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False, freq_shift: float = 1.0
+) -> jax.Array:
     """Transformer sinusoidal embedding of timesteps (Vaswani et al. 2017, sec. 3.5), as in DDPM.
 
     emb[b, i] = sin(t_b * f_i), emb[b, half + i] = cos(t_b * f_i) for i < half = dim // 2, with
-    f_i = exp(-log(max_period) * i / (half - 1)) (the DDPM reference's spacing: the lowest
-    frequency is exactly 1 / max_period). An odd ``dim`` gets a trailing zero column.
+    f_i = exp(-log(max_period) * i / (half - freq_shift)). The default ``freq_shift=1`` is the
+    DDPM reference's spacing (the lowest frequency is exactly 1 / max_period); OpenAI's
+    improved / guided diffusion use ``freq_shift=0`` and ``flip_sin_to_cos=True`` (cos first),
+    as diffusers' ``Timesteps(flip_sin_to_cos, downscale_freq_shift)`` does. An odd ``dim`` gets
+    a trailing zero column.
 
     Args:
       t: ``[B]`` int or float timesteps (fractional values are fine).
@@ -147,11 +157,14 @@ def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) ->
     if dim < 4:
         raise ValueError(f"dim: expected an embedding width of at least 4, got {dim}")
     half = dim // 2
+    if not half - freq_shift > 0:
+        raise ValueError(f"freq_shift: expected less than dim // 2 = {half}, got {freq_shift}")
     # Frequencies are static: computed in float64 and rounded once, so the only float32 error
     # left is the rounding of t * f (relative 2^-24 of the argument).
-    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - 1)).astype(np.float32)
+    freqs = np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / (half - freq_shift)).astype(np.float32)
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    pair = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(pair, axis=-1)
     if dim % 2:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
     return emb
@@ -186,6 +199,7 @@ class TimestepEmbedding(nn.Module):
       features: width of the sinusoidal / Fourier features (DDPM: the base channel count).
       hidden: output width (DDPM: 4 x base channels).
       kind: "sinusoidal" or "fourier".
+      flip_sin_to_cos, freq_shift: the sinusoidal layout (:func:`sinusoidal_embedding`).
     Call: ``t: [B]`` int or float -> ``[B, hidden]``.
     """
 
@@ -195,11 +209,13 @@ class TimestepEmbedding(nn.Module):
     fourier_scale: float = 16.0
     fourier_seed: int = 0
     dtype: Dtype = jnp.float32
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
 
     @nn.compact
     def __call__(self, t: jax.Array) -> jax.Array:
         if self.kind == "sinusoidal":
-            emb = sinusoidal_embedding(t, self.features)
+            emb = sinusoidal_embedding(t, self.features, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
         elif self.kind == "fourier":
             emb = fourier_features(t, self.features, self.fourier_scale, self.fourier_seed)
         else:
@@ -236,15 +252,25 @@ def _conv(features: int, dtype: Dtype, *, kernel: int = 3, stride: int = 1, init
 
 
 class Downsample(nn.Module):
-    """Halve the resolution: a 3x3 stride-2 conv (``use_conv``) or 2x2 average pooling (DDPM)."""
+    """Halve the resolution: a 3x3 stride-2 conv (``use_conv``) or 2x2 average pooling (DDPM).
+
+    ``padding``: 1 pads the conv by one pixel on every side (OpenAI, diffusers' default); 0 pads
+    one pixel on the bottom and right only, TensorFlow's "SAME" for stride 2 (the DDPM reference,
+    diffusers' ``downsample_padding=0``). Both give ``[B, H/2, W/2, C]`` for even H, W.
+    """
 
     use_conv: bool = True
     dtype: Dtype = jnp.float32
+    padding: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding not in (0, 1):
+            raise ValueError(f"padding: expected 0 (bottom/right, TF 'SAME') or 1 (every side), got {self.padding!r}")
         if self.use_conv:
-            return _conv(x.shape[-1], self.dtype, stride=2, name="conv")(x)
+            pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
+            return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=default_init(), name="conv")(x)
         return avg_pool_2x(x)
 
 
@@ -276,6 +302,7 @@ class ResBlock(nn.Module):
       out_channels: output channels (None: same as input).
       resample: None, "up" (nearest 2x) or "down" (2x2 average pool), applied to both branches
         (BigGAN-style up/down blocks, ADM's ``resblock_updown``).
+      norm_groups, norm_eps: the group norms' groups (None: :func:`norm_groups`) and epsilon.
     Call: ``x: [B, H, W, C]``, ``emb: [B, E]`` -> ``[B, H', W', out_channels]``.
     """
 
@@ -284,6 +311,8 @@ class ResBlock(nn.Module):
     scale_shift_norm: bool = False
     resample: Optional[str] = None
     dtype: Dtype = jnp.float32
+    norm_groups: Optional[int] = None
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool = False) -> jax.Array:
@@ -291,7 +320,7 @@ class ResBlock(nn.Module):
             raise ValueError(f"resample: expected None, 'up' or 'down', got {self.resample!r}")
         in_ch = x.shape[-1]
         out_ch = self.out_channels or in_ch
-        h = nn.swish(group_norm(in_ch, self.dtype, name="norm1")(x))
+        h = nn.swish(group_norm(in_ch, self.dtype, "norm1", self.norm_groups, self.norm_eps)(x))
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.resample == "down":
@@ -305,7 +334,7 @@ class ResBlock(nn.Module):
             kernel_init=default_init(),
             name="temb_proj",
         )(nn.swish(emb.astype(self.dtype)))[:, None, None, :]
-        norm2 = group_norm(out_ch, self.dtype, name="norm2")
+        norm2 = group_norm(out_ch, self.dtype, "norm2", self.norm_groups, self.norm_eps)
         if self.scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
             h = norm2(h) * (1.0 + scale) + shift
@@ -320,6 +349,18 @@ class ResBlock(nn.Module):
         return x + h
 
 
+def heads_for(channels: int, num_heads: int, head_channels: Optional[int] = None) -> int:
+    """Attention heads over ``channels``: ``channels / head_channels`` when ``head_channels`` is
+    set, else ``num_heads``; a ValueError names the one that does not divide ``channels``."""
+    if head_channels is not None:
+        if not isinstance(head_channels, (int, np.integer)) or head_channels < 1 or channels % head_channels:
+            raise ValueError(f"head_channels: expected a positive divisor of the channel count {channels}, got {head_channels!r}")
+        return channels // head_channels
+    if num_heads < 1 or channels % num_heads:
+        raise ValueError(f"num_heads: expected a positive divisor of the channel count {channels}, got {num_heads}")
+    return num_heads
+
+
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H x W positions, residual (DDPM ``attn_block``; ADM).
 
@@ -327,23 +368,30 @@ class AttentionBlock(nn.Module):
     per head of width d = C / num_heads (Vaswani et al. 2017, eq. 1). ``proj_out`` is
     zero-initialised, so a fresh block is the identity.
 
-    Call: ``x: [B, H, W, C]`` -> same shape. C must be divisible by ``num_heads``.
+    ``head_channels`` (ADM's ``num_head_channels``, diffusers' ``attention_head_dim``), when set,
+    fixes the head width instead: ``C / head_channels`` heads. ``norm_groups`` / ``norm_eps``: the
+    group norm's groups (None: :func:`norm_groups`) and epsilon.
+
+    Call: ``x: [B, H, W, C]`` -> same shape. C must be divisible by ``num_heads`` (or by
+    ``head_channels``).
     """
 
     num_heads: int = 1
     dtype: Dtype = jnp.float32
+    head_channels: Optional[int] = None
+    norm_groups: Optional[int] = None
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         B, H, W, C = x.shape
-        if self.num_heads < 1 or C % self.num_heads:
-            raise ValueError(f"num_heads: expected a positive divisor of the channel count {C}, got {self.num_heads}")
-        d = C // self.num_heads
-        h = group_norm(C, self.dtype, name="norm")(x)
+        num_heads = heads_for(C, self.num_heads, self.head_channels)
+        d = C // num_heads
+        h = group_norm(C, self.dtype, "norm", self.norm_groups, self.norm_eps)(x)
         dense = lambda name, scale=1.0: nn.Dense(
             C, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=default_init(scale), name=name
         )
-        heads = lambda a: a.reshape(B, H * W, self.num_heads, d)
+        heads = lambda a: a.reshape(B, H * W, num_heads, d)
         q, k, v = (heads(dense(n)(h)) for n in ("q", "k", "v"))
         # Logits and softmax in float32 whatever the dtype (XLA implementation).
         out = jax.nn.dot_product_attention(q, k, v).reshape(B, H, W, C)
@@ -368,12 +416,14 @@ class CrossAttention(nn.Module):
 
     num_heads: int = 1
     dtype: Dtype = jnp.float32
+    head_channels: Optional[int] = None  # as AttentionBlock's
+    norm_groups: Optional[int] = None
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, context_mask: Optional[jax.Array] = None) -> jax.Array:
         B, H, W, C = x.shape
-        if self.num_heads < 1 or C % self.num_heads:
-            raise ValueError(f"num_heads: expected a positive divisor of the channel count {C}, got {self.num_heads}")
+        num_heads = heads_for(C, self.num_heads, self.head_channels)
         if np.ndim(context) != 3 or np.shape(context)[0] != B:
             raise ValueError(f"context: expected shape [{B}, L, D], got shape {tuple(np.shape(context))}")
         L = np.shape(context)[1]
@@ -384,18 +434,18 @@ class CrossAttention(nn.Module):
                 f"context_mask: expected a bool array of shape {(B, L)}, got shape {tuple(np.shape(context_mask))} "
                 f"dtype {jnp.result_type(context_mask)}"
             )
-        d = C // self.num_heads
+        d = C // num_heads
         dense = lambda name, scale=1.0: nn.Dense(
             C, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=default_init(scale), name=name
         )
-        h = group_norm(C, self.dtype, name="norm")(x)
-        q = dense("q")(h).reshape(B, H * W, self.num_heads, d)
+        h = group_norm(C, self.dtype, "norm", self.norm_groups, self.norm_eps)(x)
+        q = dense("q")(h).reshape(B, H * W, num_heads, d)
         ctx = context.astype(self.dtype)
         null_token = lambda name: jnp.broadcast_to(
             self.param(name, nn.initializers.normal(1.0), (C,), jnp.float32).astype(self.dtype), (B, 1, C)
         )
-        k = jnp.concatenate([null_token("null_key"), dense("k")(ctx)], axis=1).reshape(B, L + 1, self.num_heads, d)
-        v = jnp.concatenate([null_token("null_value"), dense("v")(ctx)], axis=1).reshape(B, L + 1, self.num_heads, d)
+        k = jnp.concatenate([null_token("null_key"), dense("k")(ctx)], axis=1).reshape(B, L + 1, num_heads, d)
+        v = jnp.concatenate([null_token("null_value"), dense("v")(ctx)], axis=1).reshape(B, L + 1, num_heads, d)
         mask = jnp.concatenate([jnp.ones((B, 1), bool), context_mask], axis=1)[:, None, None, :]
         out = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(B, H, W, C)
         return x + dense("proj_out", 0.0)(out)
@@ -413,19 +463,19 @@ class AttentionPool2d(nn.Module):
     out_features: int
     num_heads: int = 1
     dtype: Dtype = jnp.float32
+    head_channels: Optional[int] = None  # as AttentionBlock's
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         B, H, W, C = x.shape
-        if self.num_heads < 1 or C % self.num_heads:
-            raise ValueError(f"num_heads: expected a positive divisor of the channel count {C}, got {self.num_heads}")
-        d = C // self.num_heads
+        num_heads = heads_for(C, self.num_heads, self.head_channels)
+        d = C // num_heads
         tokens = x.reshape(B, H * W, C)
         tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
         pos = self.param("positional_embedding", nn.initializers.normal(C**-0.5), (H * W + 1, C), jnp.float32)
         tokens = tokens + pos.astype(self.dtype)
         qkv = nn.Dense(3 * C, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=default_init(), name="qkv")(tokens)
-        q, k, v = (a.reshape(B, H * W + 1, self.num_heads, d) for a in jnp.split(qkv, 3, axis=-1))
+        q, k, v = (a.reshape(B, H * W + 1, num_heads, d) for a in jnp.split(qkv, 3, axis=-1))
         logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0], k, preferred_element_type=jnp.float32) / math.sqrt(d)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         pooled = jnp.einsum("bhk,bkhd->bhd", weights, v).reshape(B, C)

@@ -105,6 +105,20 @@ def validate_trunk_fields(m: nn.Module) -> None:
             )
     if not isinstance(m.aug_level_embedding, (bool, np.bool_)):
         raise bad("aug_level_embedding", "a bool")
+    if m.num_head_channels is not None and not positive_int(m.num_head_channels):
+        raise bad("num_head_channels", "None or a positive int (the width of every attention head)")
+    if m.norm_num_groups is not None:
+        widths = sorted({m.base_channels * k for k in m.channel_mult})
+        if not positive_int(m.norm_num_groups) or any(c % m.norm_num_groups for c in widths):
+            raise bad("norm_num_groups", f"None or a positive divisor of every level's channel count {widths}")
+    if not (isinstance(m.norm_eps, (float, int)) and m.norm_eps > 0):
+        raise bad("norm_eps", "a positive float")
+    if m.downsample_padding not in (0, 1):
+        raise bad("downsample_padding", "0 (bottom/right, TF 'SAME') or 1 (every side)")
+    if not isinstance(m.flip_sin_to_cos, (bool, np.bool_)):
+        raise bad("flip_sin_to_cos", "a bool")
+    if not isinstance(m.freq_shift, (float, int)) or not 0 <= m.freq_shift < m.base_channels // 2:
+        raise bad("freq_shift", f"a number in [0, base_channels // 2 = {m.base_channels // 2})")
 
 
 class EncoderOutput(NamedTuple):
@@ -150,6 +164,19 @@ class _UNetFields(nn.Module):
       cascaded diffusion (Ho et al. 2022, CDM sec. 4.1).
     time_embedding: "sinusoidal" (DDPM) or "fourier" (score SDE), with fourier_scale / seed.
     dtype: computation dtype; parameters are float32 and the output is float32.
+
+    Fields that let imported networks (:mod:`jdiff.convert`: diffusers ``UNet2DModel``, OpenAI's
+    improved / guided diffusion) run exactly; the defaults are jdiff's own layout:
+    num_head_channels: None (``num_heads`` heads everywhere) or the width of every attention
+      head, so each level has ``channels / num_head_channels`` heads (ADM's
+      ``num_head_channels``, diffusers' ``attention_head_dim``).
+    norm_num_groups: None (:func:`~jdiff.models.layers.norm_groups`, which suits tiny widths) or
+      the group count of every GroupNorm (32 in DDPM, ADM and diffusers). norm_eps: their
+      epsilon (1e-6; OpenAI and diffusers' default 1e-5).
+    downsample_padding: 1 (the stride-2 conv pads every side, as OpenAI) or 0 (bottom / right
+      only, TensorFlow "SAME", as the DDPM reference and diffusers' DDPM checkpoints).
+    flip_sin_to_cos, freq_shift: the sinusoidal time embedding's layout
+      (:func:`~jdiff.models.layers.sinusoidal_embedding`; OpenAI: True, 0).
     """
 
     base_channels: int = 128
@@ -170,6 +197,12 @@ class _UNetFields(nn.Module):
     fourier_scale: float = 16.0
     fourier_seed: int = 0
     dtype: Dtype = jnp.float32
+    num_head_channels: Optional[int] = None
+    norm_num_groups: Optional[int] = None
+    norm_eps: float = 1e-6
+    downsample_padding: int = 1
+    flip_sin_to_cos: bool = False
+    freq_shift: float = 1.0
 
     def __post_init__(self):
         validate_trunk_fields(self)
@@ -186,11 +219,20 @@ class _UNetFields(nn.Module):
         names = {f.name for f in dataclasses.fields(target)} - {"parent", "name"}
         return {n: getattr(self, n) for n in names if hasattr(self, n)}
 
+    def _norm(self) -> dict:
+        return dict(norm_groups=self.norm_num_groups, norm_eps=self.norm_eps)
+
+    def _res(self) -> dict:
+        """The keyword arguments every :class:`ResBlock` of this network takes."""
+        return dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, dtype=self.dtype, **self._norm())
+
     def _attention(self, h: jax.Array, context, context_mask, name: str) -> jax.Array:
         """Self-attention ``name``, then (with ``context_dim``) cross-attention to the context."""
-        h = AttentionBlock(self.num_heads, self.dtype, name=name)(h)
+        heads = dict(head_channels=self.num_head_channels, **self._norm())
+        h = AttentionBlock(self.num_heads, self.dtype, **heads, name=name)(h)
         if self.context_dim is not None:
-            h = CrossAttention(self.num_heads, self.dtype, name=name.replace("attn", "cross_attn"))(h, context, context_mask)
+            h = CrossAttention(self.num_heads, self.dtype, **heads, name=name.replace("attn", "cross_attn"))(
+                h, context, context_mask)
         return h
 
     def _validate_inputs(self, x, t, cond) -> dict:
@@ -284,7 +326,8 @@ class UNetEncoder(_UNetFields):
             raise ValueError(f"input_residual: expected shape {(B, H, W, ch)}, got shape {_shape(input_residual)}")
 
         time_embed = lambda name: TimestepEmbedding(
-            ch, 4 * ch, self.time_embedding, self.fourier_scale, self.fourier_seed, self.dtype, name=name
+            ch, 4 * ch, self.time_embedding, self.fourier_scale, self.fourier_seed, self.dtype,
+            self.flip_sin_to_cos, self.freq_shift, name=name
         )
         emb = time_embed("time_embed")(t)
         if self.num_classes is not None:
@@ -311,7 +354,7 @@ class UNetEncoder(_UNetFields):
         if input_residual is not None:
             h = h + input_residual.astype(h.dtype)
         skips = [h]
-        res = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, dtype=self.dtype)
+        res = self._res()
         last = len(self.channel_mult) - 1
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
@@ -323,7 +366,7 @@ class UNetEncoder(_UNetFields):
                 if self.resblock_updown:
                     h = ResBlock(resample="down", **res, name=f"down_{level}_downsample")(h, emb, train)
                 else:
-                    h = Downsample(self.conv_resample, self.dtype, name=f"down_{level}_downsample")(h)
+                    h = Downsample(self.conv_resample, self.dtype, self.downsample_padding, name=f"down_{level}_downsample")(h)
                 skips.append(h)
 
         h = ResBlock(**res, name="mid_block_1")(h, emb, train)
@@ -358,7 +401,7 @@ class UNetDecoder(_UNetFields):
                 f"enc.context: expected the encoder's [B, L, {self.context_dim}] context tokens "
                 f"(context_dim={self.context_dim}), got None"
             )
-        res = dict(dropout=self.dropout, scale_shift_norm=self.scale_shift_norm, dtype=self.dtype)
+        res = self._res()
         for level in reversed(range(len(self.channel_mult))):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
@@ -371,7 +414,7 @@ class UNetDecoder(_UNetFields):
                 else:
                     h = Upsample(self.conv_resample, self.dtype, name=f"up_{level}_upsample")(h)
         assert not skips, "encoder and decoder disagree on the number of skip connections"
-        h = nn.swish(group_norm(h.shape[-1], self.dtype, name="norm_out")(h))
+        h = nn.swish(group_norm(h.shape[-1], self.dtype, "norm_out", self.norm_num_groups, self.norm_eps)(h))
         h = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=default_init(0.0), name="conv_out")(h)
         return h.astype(jnp.float32)
@@ -383,7 +426,9 @@ class UNet(_UNetFields):
     Fields: the architecture fields documented on ``_UNetFields`` (base_channels, channel_mult,
     num_res_blocks, attention_resolutions, num_heads, dropout, resblock_updown, conv_resample,
     scale_shift_norm, mid_attention, num_classes, image_channels, context_dim,
-    aug_level_embedding, time_embedding, fourier_scale, fourier_seed, dtype), plus
+    aug_level_embedding, time_embedding, fourier_scale, fourier_seed, dtype, and the import
+    fields num_head_channels, norm_num_groups, norm_eps, downsample_padding, flip_sin_to_cos,
+    freq_shift), plus
     ``out_channels`` (None: the channels of ``x``) and ``learn_sigma`` (double the output to
     ``2 * out_channels``: [eps, variance interpolation v], Nichol & Dhariwal 2021 eq. 15).
 

@@ -97,7 +97,7 @@ def resolve_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if name not in ADAPTABLE_MODELS:
         raise ValueError(f"config.model_name: expected one of {ADAPTABLE_MODELS} for an adaptation of "
                          f"config.base_workdir, got {name!r}")
-    base_shape = tuple(data_lib.get_dataset({**_plain(base.data), "control": ""}).image_shape)
+    base_shape = data_lib.image_shape_of({**_plain(base.data), "control": ""})
     own_data = {**_plain(config.data), "control": ""}
     shape = tuple(data_lib.get_dataset(own_data).image_shape)
     if shape != base_shape:

@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.control = ""
     c.data.control_kwargs = ml_collections.ConfigDict()  # e.g. sigma for "canny"
     c.data.path = ""  # data.name = "arrays": the .npz file (image, label, loss_weight)
+    # (H, W, C) of the images when the workdir needs no dataset to know it: an imported model
+    # (launch.convert writes data.name = "none" and this). (): read it off the dataset.
+    c.data.image_shape = ()
 
     # The network: a name in the model registry (jdiff.models.MODELS, jdiff.models.register) or
     # "package.module:Class", built by jdiff.models.build(model_name, model).
@@ -54,10 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
 
     c.diffusion = ml_collections.ConfigDict()
-    c.diffusion.schedule = "cosine"  # "linear" | "cosine"
+    c.diffusion.schedule = "cosine"  # "linear" | "cosine" | "scaled_linear" (LDM's; imported models)
     c.diffusion.num_timesteps = 1000
-    c.diffusion.beta_start = 1e-4  # linear only
-    c.diffusion.beta_end = 0.02  # linear only
+    c.diffusion.beta_start = 1e-4  # linear and scaled_linear only
+    c.diffusion.beta_end = 0.02  # linear and scaled_linear only
     c.diffusion.parameterization = "eps"  # "eps" | "x0" | "v"
     c.diffusion.weighting = "uniform"  # see jdiff.losses.loss_weight
     c.diffusion.min_snr_gamma = 5.0
@@ -165,8 +168,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if unknown:
         raise ValueError(f"config: unknown key(s) {unknown}; see jdiff.train.config.base_config for the accepted keys")
     d = config.diffusion
-    if d.schedule not in ("linear", "cosine"):
-        raise ValueError(f"config.diffusion.schedule: expected 'linear' or 'cosine', got {d.schedule!r}")
+    if d.schedule not in ("linear", "cosine", "scaled_linear"):
+        raise ValueError(f"config.diffusion.schedule: expected 'linear', 'cosine' or 'scaled_linear', got {d.schedule!r}")
     if d.process not in PROCESSES:
         raise ValueError(f"config.diffusion.process: expected one of {PROCESSES}, got {d.process!r}")
     want = {"edm": "x0", "flow": "flow"}.get(d.process)
@@ -268,6 +271,8 @@ def make_schedule(config: ml_collections.ConfigDict):
         return schedules.flow()
     if d.schedule == "linear":
         return schedules.linear(d.num_timesteps, d.beta_start, d.beta_end)
+    if d.schedule == "scaled_linear":
+        return schedules.scaled_linear(d.num_timesteps, d.beta_start, d.beta_end)
     return schedules.cosine(d.num_timesteps)
 
 
