@@ -211,6 +211,21 @@ def test_cosine_alphas_cumprod_is_f_ratio_where_unclipped():
     np.testing.assert_allclose(np.asarray(sched.alphas_cumprod[:-1], np.float64), want, rtol=RTOL)
 
 
+def test_scaled_linear_is_latent_diffusions_betas():
+    # LDM / Stable Diffusion's "scaled_linear", read from its definition: beta_t is the square of
+    # the t-th of T evenly spaced points from sqrt(0.00085) to sqrt(0.012); abar the running product.
+    T = 1000
+    sched = schedules.scaled_linear(T)
+    lo, hi = math.sqrt(0.00085), math.sqrt(0.012)
+    betas = [(lo + (hi - lo) * t / (T - 1)) ** 2 for t in range(T)]
+    want = np.cumprod([1.0 - b for b in betas])
+    np.testing.assert_allclose(np.asarray(sched.betas, np.float64), betas, rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(sched.alphas_cumprod, np.float64), want, rtol=RTOL)
+    assert schedules.get("scaled_linear", T).betas.shape == (T,)
+    with pytest.raises(ValueError, match=r"beta_start, beta_end: expected 0 < beta_start <= beta_end < 1, got 0.02, 0.01"):
+        schedules.scaled_linear(10, 0.02, 0.01)
+
+
 def test_respace_with_all_timesteps_is_the_identity(built):
     for name in ("linear", "cosine", "from_betas_random", "respaced_linear_random"):
         sched = built[name]
@@ -414,5 +429,5 @@ def test_space_timesteps_rejects_bad_steps(steps):
 
 @pytest.mark.parametrize("name", ["quadratic", "Linear", ""])
 def test_get_rejects_unknown_names(name):
-    with pytest.raises(ValueError, match=rf"schedule: expected one of \['cosine', 'linear'\], got {name!r}"):
+    with pytest.raises(ValueError, match=rf"schedule: expected one of \['cosine', 'linear', 'scaled_linear'\], got {name!r}"):
         schedules.get(name, 100)

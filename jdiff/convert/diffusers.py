@@ -70,9 +70,10 @@ _KNOWN = {
     "act_fn", "attention_head_dim", "norm_num_groups", "attn_norm_num_groups", "norm_eps", "resnet_time_scale_shift",
     "add_attention", "class_embed_type", "num_class_embeds", "num_train_timesteps",
 }
-# jdiff writes this private key (diffusers ignores keys starting with "_"): the last class
-# embedding row is the null class of classifier-free guidance, not a class.
-NULL_CLASS_KEY = "_jdiff_null_class"
+# jdiff writes this private key (diffusers ignores keys starting with "_"): the jdiff fields the
+# export came from, so that an import gives them back exactly (e.g. num_heads=2 rather than the
+# equivalent num_head_channels, and the class embedding's last row as the CFG null class).
+JDIFF_FIELDS_KEY = "_jdiff_fields"
 _DIFFUSERS_VERSION = "0.30.0"  # the format written; any later diffusers reads it
 
 
@@ -202,12 +203,23 @@ def unet_fields(config: Mapping[str, Any]) -> tuple[dict, tuple, int]:
         fields["out_channels"] = int(out_ch)
     pad = 0
     n_class = get("num_class_embeds")
-    if n_class is not None:
-        if cfg.get(NULL_CLASS_KEY, False):  # written by to_diffusers: the last row is jdiff's null class
-            fields["num_classes"], pad = int(n_class) - 1, 0
-        else:  # a diffusers class embedding has no null row: a zero row is added (no class = no embedding)
-            fields["num_classes"], pad = int(n_class), 1
-    return fields, (size, size, int(in_ch)), pad
+    if n_class is not None:  # a diffusers class embedding has no null row: a zero row is added (no class = no embedding)
+        fields["num_classes"], pad = int(n_class), 1
+    image_shape = (size, size, int(in_ch))
+    if JDIFF_FIELDS_KEY in cfg:  # written by to_diffusers: the very fields, if they still describe this network
+        own = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(cfg[JDIFF_FIELDS_KEY]).items()}
+        try:
+            same = _comparable(diffusers_unet_config(own, image_shape)) == _comparable(cfg)
+        except (ConversionError, ValueError, TypeError):
+            same = False
+        if same:
+            return own, image_shape, 0
+    return fields, image_shape, pad
+
+
+def _comparable(config: Mapping[str, Any]) -> dict:
+    """A UNet2DModel config without its private keys, lists for tuples."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
 
 
 _RES = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
@@ -395,8 +407,7 @@ def diffusers_unet_config(fields: Mapping[str, Any], image_shape: tuple) -> dict
         "resnet_time_scale_shift": "default", "add_attention": bool(m.mid_attention), "class_embed_type": None,
         "num_class_embeds": None if m.num_classes is None else int(m.num_classes) + 1,
     }
-    if m.num_classes is not None:
-        config[NULL_CLASS_KEY] = True
+    config[JDIFF_FIELDS_KEY] = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(fields).items()}
     if m.out_channels not in (None, C):
         raise need("out_channels", m.out_channels, f"None or the image channels {C} (diffusers' pipelines feed the "
                    "output back as the next input)")
@@ -463,7 +474,7 @@ def to_diffusers(out_dir: str, fields: Mapping[str, Any], params: Any, image_sha
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     save_file(state, os.path.join(out_dir, "unet", WEIGHT_FILES[0]), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "unet", "config.json"), "w") as f:
-        json.dump(unet_config, f, indent=2)
+        json.dump(unet_config, f, indent=2, default=str)
     with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(sched, f, indent=2)
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
