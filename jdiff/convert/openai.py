@@ -641,7 +641,7 @@ def diffusion_settings(flags: Mapping[str, Any]) -> tuple[dict, dict]:
     diffusion: dict[str, Any] = {"process": "vp", "num_timesteps": T, "schedule": f["noise_schedule"]}
     if f["noise_schedule"] == "linear":
         scale = 1000 / T
-        diffusion.update(beta_start=scale * 0.0001, beta_end=scale * 0.021)
+        diffusion.update(beta_start=scale * 0.0001, beta_end=scale * 0.02)
     diffusion["parameterization"] = "x0" if f["predict_xstart"] else "eps"
     if f["learn_sigma"]:
         diffusion["variance"] = "learned_range"
