@@ -915,7 +915,8 @@ def sample(
         with) or a continuous process such as :func:`jdiff.schedules.continuous_vp`.
       shape_or_xT: the sample shape ``(B, ...)`` (x ~ N(0, I) at the first time, drawn from
         ``key``) or the starting x itself, which sits at ``timesteps[0]`` (e.g. x_t0 for SDEdit).
-      key: a PRNG key; step i draws its noise from ``fold_in(key, i)``.
+      key: a PRNG key; with ``k0, k1 = jax.random.split(key)``, x_T is drawn from k0 and step i draws
+        its noise from ``fold_in(k1, i)`` (what tests/test_convert.py feeds diffusers for parity).
       method: a registered sampler (:data:`METHODS` and any added with :func:`register`): ``ddpm``
         (ancestral on the chain the times give: respaced when ``steps`` < T, improved DDPM
         sec. 4), ``ddim``, ``euler_maruyama``, ``ode``, ``dpm_solver++`` (2M; 10-25 steps),

@@ -7,6 +7,8 @@
         --flags "--image_size 64 --num_channels 192 --attention_resolutions 32,16,8 --learn_sigma True ..."
     python -m launch.convert --from openai 64x64_classifier.pt --kind classifier --workdir workdirs/adm64_clf \
         --flags "--image_size 64 --classifier_width 128 ..."
+    python -m launch.convert --from openai cifar10_uncond_50M_500K.pt --codebase improved-diffusion --workdir W \
+        --flags "--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3"
     # a jdiff workdir (or an imported one) as a diffusers DDPMPipeline folder
     python -m launch.convert --to diffusers --workdir workdirs/ddpm_cifar10 exported/
 
@@ -35,6 +37,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The jdiff workdir to write (imp
 _FLAGS = flags.DEFINE_string("flags", "", "--from openai: the checkpoint's script flags, e.g. \"--image_size 64 "
                              "--num_channels 192 --learn_sigma True\" (guided-diffusion's defaults fill the rest).")
 _KIND = flags.DEFINE_enum("kind", "model", ["model", "classifier"], "--from openai: the U-Net or the noise-aware classifier.")
+_CODEBASE = flags.DEFINE_enum("codebase", "guided-diffusion", ["guided-diffusion", "improved-diffusion"],
+                              "--from openai: whose flag defaults apply (improved-diffusion's differ: rescale_timesteps, "
+                              "32x32 channel_mult).")
 _DATA = flags.DEFINE_string("data", "none", "Import: config.data.name of the written workdir (a dataset evaluation and "
                             "fine-tuning can load, e.g. cifar10); 'none': sampling only.")
 
@@ -43,11 +48,11 @@ def _import(source: str) -> str:
     from jdiff import convert
 
     if _FROM.value == "diffusers":
-        if _FLAGS.value or _KIND.value != "model":
-            raise app.UsageError("--flags and --kind are for --from openai; a diffusers folder carries its own config")
+        if _FLAGS.value or _KIND.value != "model" or _CODEBASE.value != "guided-diffusion":
+            raise app.UsageError("--flags, --kind and --codebase are for --from openai; a diffusers folder carries its own config")
         imported = convert.from_diffusers(source)
     else:
-        imported = convert.from_openai(source, _FLAGS.value, kind=_KIND.value)
+        imported = convert.from_openai(source, _FLAGS.value, kind=_KIND.value, codebase=_CODEBASE.value)
     return convert.write_workdir(imported, _WORKDIR.value, data={"name": _DATA.value})
 
 
@@ -55,8 +60,8 @@ def _export(out_dir: str) -> str:
     from jdiff import convert
     from jdiff.workdir import load_for_sampling
 
-    if _FLAGS.value or _KIND.value != "model" or _DATA.value != "none":
-        raise app.UsageError("--flags, --kind and --data are for imports (--from)")
+    if _FLAGS.value or _KIND.value != "model" or _CODEBASE.value != "guided-diffusion" or _DATA.value != "none":
+        raise app.UsageError("--flags, --kind, --codebase and --data are for imports (--from)")
     loaded = load_for_sampling(_WORKDIR.value)
     if loaded.config.model_name != "unet":
         raise app.UsageError(f"--workdir: {_WORKDIR.value!r} holds a {loaded.config.model_name!r} network; diffusers "

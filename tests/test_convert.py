@@ -423,7 +423,7 @@ def test_command_line_import_sample_export(cases, tmp_path, torch_stack):
     (["--workdir", "W"], "exactly one of --from"),
     (["--from", "diffusers", "--workdir", "W"], "one positional argument"),
     (["--from", "diffusers", "/no/such/dir", "--workdir", "W"], "does not exist"),
-    (["--from", "diffusers", "DIR", "--workdir", "W", "--flags", "--image_size 32"], "--flags and --kind are for --from openai"),
+    (["--from", "diffusers", "DIR", "--workdir", "W", "--flags", "--image_size 32"], "--flags, --kind and --codebase are for --from openai"),
 ])
 def test_command_line_errors_write_nothing(cases, tmp_path, args, message):
     args = [a.replace("DIR", cases["class_embedding"].dir).replace("W", str(tmp_path / "w")) if a in ("DIR", "W") else a

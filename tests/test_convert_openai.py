@@ -11,15 +11,17 @@ network is compiled once per module. The measured max abs errors are printed (``
 BENCHMARKS.md.
 """
 
-import numpy as np
-import pytest
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from conftest import require_modules
 
 from jdiff import diffusion, samplers, schedules
-from jdiff.convert.common import ConversionError
+from jdiff import workdir as workdir_lib
+from jdiff.convert.common import ConversionError, write_workdir
 from jdiff.convert.openai import (
     GUIDED_DEFAULTS,
     IMPROVED_DEFAULTS,
@@ -38,9 +40,10 @@ BATCH = 4
 ADM = dict(image_size=16, num_channels=32, channel_mult="1,2", num_res_blocks=2, attention_resolutions="16,8",
            num_head_channels=16, learn_sigma=True, class_cond=True, resblock_updown=True,
            use_scale_shift_norm=True, use_new_attention_order=True)
-# improved-diffusion's own flags (its 32x32 channel_mult (1, 2, 2, 2), legacy attention order).
+# improved-diffusion's own flags (its 32x32 channel_mult (1, 2, 2, 2), legacy attention order) and
+# its released models' process: 4000 cosine steps, the network fed t * 1000 / 4000 (rescale_timesteps).
 IMPROVED = dict(image_size=32, num_channels=32, num_res_blocks=1, num_heads=2, attention_resolutions="16,8",
-                use_scale_shift_norm=False)
+                use_scale_shift_norm=False, diffusion_steps=4000, noise_schedule="cosine")
 CLASSIFIER = dict(image_size=64, classifier_width=32, classifier_depth=1, classifier_attention_resolutions="32,8",
                   classifier_use_scale_shift_norm=True, classifier_resblock_updown=True, classifier_pool="attention")
 CLASSIFIER_ADAPTIVE = dict(CLASSIFIER, classifier_pool="adaptive", classifier_use_scale_shift_norm=False,
@@ -53,9 +56,11 @@ def _flag_string(flags: dict) -> str:
 
 @pytest.fixture(scope="module")
 def gd():
-    torch, unet, script_util, gaussian_diffusion, respace = require_modules(
-        "torch", "guided_diffusion.unet", "guided_diffusion.script_util", "guided_diffusion.gaussian_diffusion",
-        "guided_diffusion.respace")
+    with warnings.catch_warnings():  # guided_diffusion.nn's torch.cuda.amp decorators are deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        torch, unet, script_util, gaussian_diffusion, respace = require_modules(
+            "torch", "guided_diffusion.unet", "guided_diffusion.script_util", "guided_diffusion.gaussian_diffusion",
+            "guided_diffusion.respace")
     del unet
     return torch, script_util, gaussian_diffusion, respace
 
@@ -92,6 +97,9 @@ class Case:
     def torch_out(self, x, t):
         torch = self.torch
         kwargs = {"y": torch.from_numpy(self.y)} if self.labels else {}
+        scale = self.imported.model.get("time_scale", 1.0)
+        if scale != 1.0:  # guided-diffusion's _scale_timesteps (rescale_timesteps): the network sees t * 1000 / T
+            t = t.astype(np.float32) * np.float32(scale)
         with torch.no_grad():
             return self.model(torch.from_numpy(x), torch.from_numpy(t), **kwargs).numpy()
 
@@ -131,7 +139,9 @@ def improved(gd, tmp_path_factory):
     # guided-diffusion builds improved-diffusion's network from these flags once its channel_mult
     # (which improved-diffusion's create_model fixes for 32x32) and rescale_timesteps are spelled out.
     oracle = dict(IMPROVED, channel_mult="1,2,2,2", rescale_timesteps=True)
-    return _model_case(gd, tmp_path_factory, IMPROVED, seed=2, codebase="improved-diffusion", oracle_flags=oracle)
+    case = _model_case(gd, tmp_path_factory, IMPROVED, seed=2, codebase="improved-diffusion", oracle_flags=oracle)
+    case.t = np.array([0, 1234, 2777, 3999])  # the whole 4000-step range
+    return case
 
 
 def _classifier_case(gd, tmp_path_factory, flags, seed):
@@ -180,10 +190,30 @@ def test_imported_network_fields(adm, improved, classifier, classifier_adaptive)
     assert adm.imported.diffusion["variance"] == "learned_range"
     assert improved.imported.model["channel_mult"] == (1, 2, 2, 2)
     assert improved.imported.model["num_head_channels"] is None and improved.imported.model["num_heads"] == 2
-    assert improved.imported.diffusion["variance"] == "fixed_large" and improved.imported.source["flags"]["rescale_timesteps"]
+    assert improved.imported.diffusion["variance"] == "fixed_large"
+    assert improved.imported.source["flags"]["rescale_timesteps"]  # improved-diffusion's default
+    assert improved.imported.model["time_scale"] == 0.25 and "time_scale" not in adm.imported.model
     assert classifier.imported.model_name == "classifier" and classifier.imported.model["pool"] == "attention"
     assert classifier_adaptive.imported.model["pool"] == "mean"
     assert set(classifier.imported.diffusion) == {"process", "num_timesteps", "schedule", "beta_start", "beta_end"}
+
+
+def test_imported_model_writes_a_valid_workdir(adm, tmp_path):
+    path = write_workdir(adm.imported, str(tmp_path / "adm"))
+    config = workdir_lib.load_config(path)
+    config_lib.validate(config)
+    assert config.model_name == "unet" and tuple(config.data.image_shape) == (16, 16, 3)
+    assert config.model.learn_sigma and config.diffusion.variance == "learned_range" and config.sample.clip
+    assert (config.diffusion.schedule, config.diffusion.num_timesteps) == ("linear", 1000)
+
+
+def test_imported_classifier_writes_a_workdir_its_params_load_from(classifier, tmp_path):
+    """A classifier workdir (for classifier guidance: launch.sample --classifier_workdir)."""
+    path = write_workdir(classifier.imported, str(tmp_path / "clf"))
+    params, step = workdir_lib.load_params(path)
+    assert step == 0
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b), params, classifier.imported.params)
+    assert all(jax.tree.leaves(same))
 
 
 # ---------------------------------------------------------------------------
@@ -281,18 +311,18 @@ def test_readme_flags_to_fields():
     assert section == dict(process="vp", num_timesteps=1000, schedule="linear", beta_start=1e-4, beta_end=0.02,
                            parameterization="eps", variance="learned_range")
     assert sample == {"clip": True}
-    # improved-diffusion's README CIFAR-10 model flags, with 1000 cosine steps (its 4000-step runs
-    # rescale the timesteps: test_improved_defaults_rescale_timesteps).
+    # improved-diffusion's README CIFAR-10 model and diffusion flags.
     imp = parse_flags("--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 "
-                      "--diffusion_steps 1000 --noise_schedule cosine", codebase="improved-diffusion")
+                      "--diffusion_steps 4000 --noise_schedule cosine", codebase="improved-diffusion")
     assert unet_fields(imp)["channel_mult"] == (1, 2, 2, 2) and unet_fields(imp)["attention_resolutions"] == (16, 8)
+    assert unet_fields(imp)["time_scale"] == 0.25
     assert diffusion_settings(imp)[0]["schedule"] == "cosine"
 
 
 def test_flag_spellings():
     flags = parse_flags("--learn_sigma=yes --class_cond 1 --use_fp16 f --image_size 32 --image_size 64 "
                         "--dropout 0.1 --predict_xstart T")
-    assert (flags["learn_sigma"], flags["class_cond"], flags["use_fp16"], flags["predict_xstart"]) == (True, True, False, True)
+    assert [flags[k] for k in ("learn_sigma", "class_cond", "use_fp16", "predict_xstart")] == [True, True, False, True]
     assert flags["image_size"] == 64 and flags["dropout"] == 0.1  # argparse: the last value wins
     assert flags["channel_mult"] == (1, 2, 3, 4) and flags["attention_resolutions"] == (16, 8)
     assert parse_flags({"learn_sigma": True, "image_size": "64", "attention_resolutions": (32, 16)}) == parse_flags(
@@ -328,7 +358,6 @@ def test_unknown_flag_lists_known_ones():
     ("--image_size 32", classifier_fields, r"--image_size 32: create_classifier"),
     ("--num_channels 48 --channel_mult 1,2", unet_fields, r"--num_channels 48.*divisible by 32"),
     ("--image_size 40 --channel_mult 1,2,2,2,2", unet_fields, r"--image_size 40: expected a multiple of 2\*\*"),
-    ("--rescale_timesteps True --diffusion_steps 4000", None, r"--rescale_timesteps True with --diffusion_steps 4000"),
     ("--noise_schedule sqrt", None, r"--noise_schedule 'sqrt'"),
     ("--learn_sigma maybe", None, r"--learn_sigma 'maybe': expected a boolean"),
     ("--num_channels 12.5", None, r"--num_channels '12.5': expected an integer"),
@@ -347,11 +376,12 @@ def test_unsupported_flag_values(flags, to_fields, match):
 
 
 def test_improved_defaults_rescale_timesteps():
-    # improved-diffusion's default rescale_timesteps=True makes its 4000-step runs unsupported
-    # (the network saw t / 4), unless the flags turn it off.
-    with pytest.raises(ConversionError, match="rescale_timesteps True with --diffusion_steps 4000"):
-        parse_flags("--diffusion_steps 4000 --noise_schedule cosine", codebase="improved-diffusion")
+    # improved-diffusion's default rescale_timesteps=True: its 4000-step networks saw t / 4, which
+    # jdiff's U-Net reproduces with time_scale (the forward pass above runs over all 4000 steps).
+    flags = parse_flags("--diffusion_steps 4000 --noise_schedule cosine", codebase="improved-diffusion")
+    assert unet_fields(flags)["time_scale"] == 0.25
     flags = parse_flags("--diffusion_steps 4000 --rescale_timesteps False", codebase="improved-diffusion")
+    assert "time_scale" not in unet_fields(flags)
     assert diffusion_settings(flags)[0]["beta_end"] == 0.02 / 4
 
 

@@ -12,9 +12,10 @@ need ``torch``: ``pip install 'jdiff[convert]'``. Neither is a core dependency; 
 import them only when a file is read or written.
 """
 
-from jdiff.convert import common, diffusers
+from jdiff.convert import common, diffusers, openai
 from jdiff.convert.common import ConversionError, Imported, read_state_dict, write_workdir
 from jdiff.convert.diffusers import from_diffusers, to_diffusers
+from jdiff.convert.openai import from_openai
 
 __all__ = ["ConversionError", "Imported", "read_state_dict", "write_workdir", "from_diffusers", "to_diffusers",
-           "common", "diffusers"]
+           "from_openai", "common", "diffusers", "openai"]

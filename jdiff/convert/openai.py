@@ -23,7 +23,8 @@ Supported:
     Probabilistic Models"): the same state-dict names and the legacy attention order; pass
     ``codebase="improved-diffusion"`` so its own flag set and defaults apply
     (``rescale_timesteps`` and ``rescale_learned_sigmas`` default to True there, and the 32x32
-    models have ``channel_mult`` (1, 2, 2, 2)).
+    models have ``channel_mult`` (1, 2, 2, 2)). ``rescale_timesteps`` (the network fed
+    ``t * 1000 / T``, e.g. the 4000-step models) becomes the U-Net's ``time_scale = 1000 / T``.
 
 Not supported (a :class:`~jdiff.convert.common.ConversionError` names the flag and value):
   - ``SuperResModel`` (``large_size`` / ``small_size``): its low-resolution image, bilinearly
@@ -32,8 +33,6 @@ Not supported (a :class:`~jdiff.convert.common.ConversionError` names the flag a
   - the classifier's "spatial" / "spatial_v2" pools (a head over every level's features).
   - the 512x512 models' ``channel_mult`` (0.5, 1, ...): their first level is half the base
     width, while jdiff's input conv and time embedding are both sized by ``base_channels``.
-  - ``rescale_timesteps=True`` with ``diffusion_steps`` != 1000: the network was fed
-    ``t * 1000 / T``, and jdiff feeds the integer step.
   - ``num_heads_upsample`` other than ``num_heads`` (with ``num_head_channels=-1``).
   - ``timestep_respacing`` other than "" or an N whose steps jdiff's uniform spacing picks too
     (``ddimN`` and per-section counts): set ``sample.steps`` / ``sample.method`` in jdiff instead.
@@ -254,7 +253,7 @@ def _number_list(name: str, text: str, kind: Callable[[str], Any] = int) -> tupl
         values = tuple(kind(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if not values or any(not v > 0 for v in values):
+    if not values or any(not (np.isfinite(v) and v > 0) for v in values):
         raise ConversionError(f"flags: --{name} {text!r}: expected a comma-separated list of positive "
                               f"{'integers' if kind is int else 'numbers'}, e.g. '32,16,8'")
     return tuple(int(v) if float(v).is_integer() else v for v in values)
@@ -280,11 +279,6 @@ def _check_process_flags(f: Mapping[str, Any]) -> None:
     if f["noise_schedule"] == "linear" and not 0.02 * 1000 / T < 1:
         raise ConversionError(f"flags: --diffusion_steps {T}: the linear schedule's last beta 0.02 * 1000 / T = "
                               f"{0.02 * 1000 / T:g} is not below 1; expected more than 20 steps")
-    if f["rescale_timesteps"] and T != 1000:
-        raise ConversionError(
-            f"flags: --rescale_timesteps True with --diffusion_steps {T} is not supported: the network was fed "
-            f"t * 1000 / {T} (fractional), and jdiff feeds the integer step t; expected diffusion_steps 1000 "
-            "(where the rescaling is the identity) or rescale_timesteps False")
     r = f["timestep_respacing"]
     if r:
         if not r.isdigit() or not 1 <= int(r) <= T:
@@ -367,8 +361,9 @@ def parse_flags(flags: FlagsLike = None, codebase: str = "guided-diffusion") -> 
         fixed = {**_IMPROVED_IMPLIED, "channel_mult": mult_table.get(out["image_size"])}
         for name, value in fixed.items():
             if out[name] != value:
-                raise ConversionError(f"flags: --{name} {out[name]!r} is not an improved-diffusion flag; its code fixes "
-                                      f"{name} to {value!r} (pass codebase='guided-diffusion' for guided's flags)")
+                raise ConversionError(f"flags: --{name} {out[name]!r} is not an improved-diffusion flag; its "
+                                      f"code fixes {name} to {value!r} (guided-diffusion's flags: "
+                                      "codebase='guided-diffusion')")
     _check_process_flags(out)
     return out
 
@@ -421,6 +416,13 @@ def _trunk_fields(width: int, mult: Optional[Sequence], image_size: int, resolut
                 attention_resolutions=_attention_heights(image_size, resolutions, len(mult)))
 
 
+def _time_scale(f: Mapping[str, Any]) -> dict:
+    """``rescale_timesteps``: the network saw t * 1000 / T (``_scale_timesteps``), jdiff's
+    ``time_scale`` field; nothing when that is t itself."""
+    T = f["diffusion_steps"]
+    return {"time_scale": 1000.0 / T} if f["rescale_timesteps"] and T != 1000 else {}
+
+
 def unet_fields(flags: Mapping[str, Any]) -> dict[str, Any]:
     """jdiff :class:`~jdiff.models.UNet` fields of the ``UNetModel`` that ``create_model`` builds
     from ``flags`` (a :func:`parse_flags` result). Raises ConversionError naming a flag whose
@@ -429,8 +431,8 @@ def unet_fields(flags: Mapping[str, Any]) -> dict[str, Any]:
     heads_up = f["num_heads_upsample"]
     if f["num_head_channels"] == -1 and heads_up not in (-1, f["num_heads"]):
         raise ConversionError(
-            f"flags: --num_heads_upsample {heads_up} (with --num_heads {f['num_heads']}, --num_head_channels -1) is not "
-            "supported: jdiff's decoder attention has as many heads as its encoder's; expected -1 or num_heads")
+            f"flags: --num_heads_upsample {heads_up} (with --num_heads {f['num_heads']}, --num_head_channels -1) is "
+            "not supported: jdiff's decoder attention has as many heads as its encoder's; expected -1 or num_heads")
     return dict(
         **_trunk_fields(f["num_channels"], f["channel_mult"], f["image_size"], f["attention_resolutions"],
                         ("num_channels", "channel_mult")),
@@ -444,6 +446,7 @@ def unet_fields(flags: Mapping[str, Any]) -> dict[str, Any]:
         out_channels=3,
         learn_sigma=f["learn_sigma"],
         **_ADM_FIELDS,
+        **_time_scale(f),
     )
 
 
@@ -473,6 +476,7 @@ def classifier_fields(flags: Mapping[str, Any]) -> dict[str, Any]:
         resblock_updown=f["classifier_resblock_updown"],
         scale_shift_norm=f["classifier_use_scale_shift_norm"],
         **_ADM_FIELDS,
+        **_time_scale(f),
     )
 
 
@@ -501,13 +505,18 @@ def _resblock(path: str, key: str, in_ch: int, out_ch: int) -> list[Rule]:
     return rules
 
 
-def _heads(channels: int, num_heads: int, num_head_channels: Optional[int]) -> int:
+def _heads(fields: Mapping[str, Any], channels: int) -> int:
+    """The heads of an attention block over ``channels`` (fixed width or fixed count)."""
     from jdiff.models.layers import heads_for
 
     try:
-        return heads_for(channels, num_heads, num_head_channels)
+        return heads_for(channels, fields["num_heads"], fields.get("num_head_channels"))
     except ValueError as e:
         raise ConversionError(f"flags: attention over {channels} channels: {e}") from None
+
+
+def _has_attention(fields: Mapping[str, Any], image_size: int, level: int) -> bool:
+    return image_size // 2**level in tuple(fields["attention_resolutions"])
 
 
 def _columns(index: np.ndarray, width: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -552,8 +561,6 @@ def _encoder(fields: Mapping[str, Any], image_size: int, new_order: bool,
     attention, and one per downsampling). Returns (rules, the skip connections' widths, the
     middle block's width)."""
     base, mult, nrb = fields["base_channels"], tuple(fields["channel_mult"]), fields["num_res_blocks"]
-    heads = lambda ch: _heads(ch, fields["num_heads"], fields.get("num_head_channels"))  # noqa: E731
-    attn = [image_size // 2**level in tuple(fields["attention_resolutions"]) for level in range(len(mult))]
     rules = _dense("encoder/time_embed/dense0", "time_embed.0") + _dense("encoder/time_embed/dense1", "time_embed.2")
     if class_embedding:
         rules.append(Rule("encoder/class_embed/embedding", "label_emb.weight", copy, pad_rows=1))
@@ -564,8 +571,8 @@ def _encoder(fields: Mapping[str, Any], image_size: int, new_order: bool,
             key = f"input_blocks.{block}"
             rules += _resblock(f"encoder/down_{level}_block_{i}", f"{key}.0", ch, base * m)
             ch = base * m
-            if attn[level]:
-                rules += _attention(f"encoder/down_{level}_attn_{i}", f"{key}.1", ch, heads(ch), new_order)
+            if _has_attention(fields, image_size, level):
+                rules += _attention(f"encoder/down_{level}_attn_{i}", f"{key}.1", ch, _heads(fields, ch), new_order)
             skips.append(ch)
             block += 1
         if level != len(mult) - 1:
@@ -577,29 +584,30 @@ def _encoder(fields: Mapping[str, Any], image_size: int, new_order: bool,
             skips.append(ch)
             block += 1
     rules += _resblock("encoder/mid_block_1", "middle_block.0", ch, ch)
-    rules += _attention("encoder/mid_attn", "middle_block.1", ch, heads(ch), new_order)
+    rules += _attention("encoder/mid_attn", "middle_block.1", ch, _heads(fields, ch), new_order)
     rules += _resblock("encoder/mid_block_2", "middle_block.2", ch, ch)
     return rules, skips, ch
 
 
 def unet_rules(fields: Mapping[str, Any], image_size: int, new_attention_order: bool = False) -> list[Rule]:
     """The rules that fill a jdiff UNet with ``fields`` (:func:`unet_fields`) from a
-    ``UNetModel`` state dict: encoder as :func:`_encoder`, then output_blocks (per level
-    ``num_res_blocks + 1`` blocks on [h, skip], each with its attention, the last of a level
-    but the first followed by the upsampling) and ``out`` = [GroupNorm, SiLU, conv]."""
+    ``UNetModel`` state dict: the encoder (time_embed, label_emb, input_blocks, middle_block),
+    then output_blocks (per level, deepest first, ``num_res_blocks + 1`` blocks on [h, skip],
+    each with its attention; the last block of every level but the first ends with the
+    upsampling) and ``out`` = [GroupNorm, SiLU, conv]."""
     rules, skips, ch = _encoder(fields, image_size, new_attention_order, fields.get("num_classes") is not None)
     base, mult, nrb = fields["base_channels"], tuple(fields["channel_mult"]), fields["num_res_blocks"]
-    heads = lambda c: _heads(c, fields["num_heads"], fields.get("num_head_channels"))  # noqa: E731
     block = 0
     for level in reversed(range(len(mult))):
-        has_attn = image_size // 2**level in tuple(fields["attention_resolutions"])
+        has_attn = _has_attention(fields, image_size, level)
         for i in range(nrb + 1):
             key = f"output_blocks.{block}"
             rules += _resblock(f"decoder/up_{level}_block_{i}", f"{key}.0", ch + skips.pop(), base * mult[level])
             ch = base * mult[level]
             layer = 1
             if has_attn:
-                rules += _attention(f"decoder/up_{level}_attn_{i}", f"{key}.1", ch, heads(ch), new_attention_order)
+                rules += _attention(f"decoder/up_{level}_attn_{i}", f"{key}.1", ch, _heads(fields, ch),
+                                    new_attention_order)
                 layer = 2
             if level and i == nrb:
                 path = f"decoder/up_{level}_upsample"
@@ -696,8 +704,9 @@ def from_openai(checkpoint: Union[str, os.PathLike, Mapping[str, Any]], flags: F
       the diffusion section of :func:`diffusion_settings` (for a classifier only the noise
       schedule it was trained on); source ``{"format": "openai", "codebase", "kind", "path",
       "flags"}`` with the resolved flags. A class-conditional U-Net takes ``cond["label"]``
-      (ImageNet class ids) and has jdiff's null class 1000 (a zero embedding: OpenAI trained
-      none) for classifier-free guidance.
+      (ImageNet class ids in [0, 1000)); jdiff's null class 1000 is a zero embedding row
+      (OpenAI trained no unconditional model, so classifier-free guidance with it means
+      nothing: guide with the converted classifier instead).
     Raises:
       ConversionError (a ValueError) for an argument, flag or value the converter does not take,
       a file that cannot be read, and keys of the state dict that are missing, unexpected or
@@ -728,7 +737,7 @@ def from_openai(checkpoint: Union[str, os.PathLike, Mapping[str, Any]], flags: F
         module = models.build(name, fields)
         # A classifier predicts the label, so it is initialised without one (the example
         # conditioning would give any module with num_classes a label).
-        template = template_of(module, image_shape, cond={} if kind == "classifier" else None)
+        template = template_of(module, image_shape)
     except ValueError as e:
         raise ConversionError(f"flags: jdiff refuses the network they describe: {e}") from None
     params = apply_rules(state, rules, template, source)

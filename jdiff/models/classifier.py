@@ -7,7 +7,7 @@ swish -> attention pooling (ADM's "attention" pool) or spatial mean -> Dense ("m
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,6 +38,8 @@ class NoiseAwareClassifier(nn.Module):
     initialised with.
     """
 
+    predicts_label: ClassVar[bool] = True  # num_classes counts its outputs; cond never holds a label
+
     num_classes: int = 10
     pool: str = "attention"
     base_channels: int = 64
@@ -63,6 +65,7 @@ class NoiseAwareClassifier(nn.Module):
     downsample_padding: int = 1
     flip_sin_to_cos: bool = False
     freq_shift: float = 1.0
+    time_scale: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 1:
@@ -92,7 +95,8 @@ class NoiseAwareClassifier(nn.Module):
                       "dropout", "resblock_updown", "conv_resample", "scale_shift_norm", "mid_attention",
                       "image_channels", "context_dim", "aug_level_embedding",
                       "time_embedding", "fourier_scale", "fourier_seed", "dtype", "num_head_channels",
-                      "norm_num_groups", "norm_eps", "downsample_padding", "flip_sin_to_cos", "freq_shift")
+                      "norm_num_groups", "norm_eps", "downsample_padding", "flip_sin_to_cos", "freq_shift",
+                      "time_scale")
         }
         h = UNetEncoder(**trunk, name="encoder")(x, t, cond, train=train).h
         h = nn.swish(group_norm(h.shape[-1], self.dtype, "norm_out", self.norm_num_groups, self.norm_eps)(h))

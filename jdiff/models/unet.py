@@ -119,6 +119,8 @@ def validate_trunk_fields(m: nn.Module) -> None:
         raise bad("flip_sin_to_cos", "a bool")
     if not isinstance(m.freq_shift, (float, int)) or not 0 <= m.freq_shift < m.base_channels // 2:
         raise bad("freq_shift", f"a number in [0, base_channels // 2 = {m.base_channels // 2})")
+    if not isinstance(m.time_scale, (float, int)) or isinstance(m.time_scale, bool) or not m.time_scale > 0:
+        raise bad("time_scale", "a positive number")
 
 
 class EncoderOutput(NamedTuple):
@@ -177,6 +179,8 @@ class _UNetFields(nn.Module):
       only, TensorFlow "SAME", as the DDPM reference and diffusers' DDPM checkpoints).
     flip_sin_to_cos, freq_shift: the sinusoidal time embedding's layout
       (:func:`~jdiff.models.layers.sinusoidal_embedding`; OpenAI: True, 0).
+    time_scale: the time embedding sees ``t * time_scale`` (1: ``t`` itself). improved-diffusion's
+      ``rescale_timesteps`` fed its networks ``t * 1000 / T``: its 4000-step models have 0.25.
     """
 
     base_channels: int = 128
@@ -203,6 +207,7 @@ class _UNetFields(nn.Module):
     downsample_padding: int = 1
     flip_sin_to_cos: bool = False
     freq_shift: float = 1.0
+    time_scale: float = 1.0
 
     def __post_init__(self):
         validate_trunk_fields(self)
@@ -329,7 +334,7 @@ class UNetEncoder(_UNetFields):
             ch, 4 * ch, self.time_embedding, self.fourier_scale, self.fourier_seed, self.dtype,
             self.flip_sin_to_cos, self.freq_shift, name=name
         )
-        emb = time_embed("time_embed")(t)
+        emb = time_embed("time_embed")(t if self.time_scale == 1.0 else t * self.time_scale)
         if self.num_classes is not None:
             labels = cond.get("label", jnp.full((B,), self.num_classes, jnp.int32))
             emb = emb + nn.Embed(
@@ -428,7 +433,7 @@ class UNet(_UNetFields):
     scale_shift_norm, mid_attention, num_classes, image_channels, context_dim,
     aug_level_embedding, time_embedding, fourier_scale, fourier_seed, dtype, and the import
     fields num_head_channels, norm_num_groups, norm_eps, downsample_padding, flip_sin_to_cos,
-    freq_shift), plus
+    freq_shift, time_scale), plus
     ``out_channels`` (None: the channels of ``x``) and ``learn_sigma`` (double the output to
     ``2 * out_channels``: [eps, variance interpolation v], Nichol & Dhariwal 2021 eq. 15).
 

@@ -38,7 +38,9 @@ def build_model(config: ml_collections.ConfigDict, image_shape: Any = None):
 
 
 def class_conditional(module) -> bool:
-    return getattr(module, "num_classes", None) is not None
+    """Whether ``module`` takes ``cond["label"]`` (a noise-aware classifier has ``num_classes``
+    too, but predicts the label: ``predicts_label``)."""
+    return getattr(module, "num_classes", None) is not None and not getattr(type(module), "predicts_label", False)
 
 
 def control_channels(module) -> int:
