@@ -60,16 +60,17 @@ DIFFUSERS_LAYOUTS = {
         down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
         attention_head_dim=8, norm_num_groups=8, num_class_embeds=10, add_attention=False),
 }
-OPENAI_LAYOUTS = {  # (kind, flags)
-    "openai: ADM ImageNet-64 flags, 1/3 width": ("model", "--image_size 64 --num_channels 64 --num_res_blocks 2 "
-                                                  "--attention_resolutions 32,16,8 --learn_sigma True --class_cond True "
-                                                  "--resblock_updown True --use_scale_shift_norm True --num_head_channels 32 "
-                                                  "--use_new_attention_order True"),
-    "openai: improved-diffusion CIFAR-10 flags, 1/4 width": ("model", "--image_size 32 --num_channels 32 --num_res_blocks 2 "
-                                                              "--attention_resolutions 16,8 --num_heads 4 --learn_sigma True "
-                                                              "--dropout 0.3"),
-    "openai: ADM classifier, 64x64, 1/2 width": ("classifier", "--image_size 64 --classifier_width 64 --classifier_depth 2 "
-                                                 "--classifier_attention_resolutions 32,16,8"),
+OPENAI_LAYOUTS = {  # (kind, flags over guided-diffusion's defaults, codebase)
+    "openai: ADM ImageNet-64 flags, 1/3 width": ("model", dict(
+        image_size=64, num_channels=64, num_res_blocks=2, attention_resolutions="32,16,8", learn_sigma=True,
+        class_cond=True, resblock_updown=True, use_scale_shift_norm=True, num_head_channels=32,
+        use_new_attention_order=True), "guided-diffusion"),
+    "openai: improved-diffusion CIFAR-10 flags (4000 steps), 1/4 width": ("model", dict(
+        image_size=32, num_channels=32, num_res_blocks=3, learn_sigma=True, dropout=0.3, diffusion_steps=4000,
+        noise_schedule="cosine"), "improved-diffusion"),
+    "openai: ADM classifier 64x64, 1/2 width": ("classifier", dict(
+        image_size=64, classifier_width=64, classifier_depth=2, classifier_attention_resolutions="32,16,8"),
+        "guided-diffusion"),
 }
 
 
@@ -96,32 +97,30 @@ def _diffusers_case(torch, diffusers_lib, layout, tmp, seed):
     return model, imported, took, reference, layout.get("num_class_embeds")
 
 
-def _openai_case(torch, kind, flags, tmp, seed):
+def _openai_case(torch, kind, flags, codebase, tmp, seed):
     from guided_diffusion import script_util
 
-    from jdiff.convert import openai as oconv
-
-    args = oconv.parse_flags(flags)
     if kind == "model":
-        names = script_util.model_and_diffusion_defaults()
-        keep = {k: args[k] for k in script_util.create_model.__code__.co_varnames[: script_util.create_model.__code__.co_argcount]
-                if k in args}
-        model = script_util.create_model(**keep)
-        classes = 1000 if args.get("class_cond") else None
+        oracle = {**script_util.model_and_diffusion_defaults(), **flags}
+        if codebase == "improved-diffusion":  # its 32x32 channel_mult and default timestep rescaling, spelled out
+            oracle.update(channel_mult="1,2,2,2", rescale_timesteps=True)
+        model, _ = script_util.create_model_and_diffusion(**oracle)
+        classes = 1000 if flags.get("class_cond") else None
     else:
-        names = script_util.classifier_defaults()
-        model = script_util.create_classifier(**{k: args[k] for k in names if k in args} | {"image_size": args["image_size"]})
+        model = script_util.create_classifier(**{**script_util.classifier_defaults(), **flags})
         classes = None
     model = _randomize(torch, model, seed)
     path = os.path.join(tmp, f"o{seed}.pt")
     torch.save(model.state_dict(), path)
     t0 = time.perf_counter()
-    imported = convert.from_openai(path, flags, kind=kind)
+    imported = convert.from_openai(path, " ".join(f"--{k} {v}" for k, v in flags.items()), kind=kind, codebase=codebase)
     took = time.perf_counter() - t0
+    scale = imported.model.get("time_scale", 1.0)
 
     def reference(x, t, y):
         kwargs = {} if y is None else {"y": torch.from_numpy(y)}
-        return model(torch.from_numpy(x), torch.from_numpy(t), **kwargs).numpy()
+        t = torch.from_numpy(t) if scale == 1.0 else torch.from_numpy(t).float() * scale  # _scale_timesteps
+        return model(torch.from_numpy(x), t, **kwargs).numpy()
 
     return model, imported, took, reference, classes
 
@@ -129,13 +128,14 @@ def _openai_case(torch, kind, flags, tmp, seed):
 def equivalence(torch, diffusers_lib, tmp) -> list[list]:
     rows = []
     cases = [(n, lambda s, l=l: _diffusers_case(torch, diffusers_lib, l, tmp, s)) for n, l in DIFFUSERS_LAYOUTS.items()]
-    cases += [(n, lambda s, k=k, f=f: _openai_case(torch, k, f, tmp, s)) for n, (k, f) in OPENAI_LAYOUTS.items()]
+    cases += [(n, lambda s, k=k, f=f, c=c: _openai_case(torch, k, f, c, tmp, s)) for n, (k, f, c) in OPENAI_LAYOUTS.items()]
     for seed, (name, build) in enumerate(cases):
         model, imported, took, reference, classes = build(seed)
         H, W, C = imported.image_shape
         rng = np.random.RandomState(seed)
         x = rng.randn(8, C, H, W).astype(np.float32)
-        t = np.linspace(0, 999, 8).astype(np.int64)
+        T = int(imported.diffusion.get("num_timesteps", 1000))
+        t = np.linspace(0, T - 1, 8).astype(np.int64)
         y = rng.randint(0, classes, 8) if classes else None
         with torch.no_grad():
             ref = reference(x, t, y)

@@ -142,6 +142,9 @@ def generate(
     parameterization: str = "eps",
     mesh: Mesh | None = None,
     sigma_data: float | None = None,
+    classifier: tuple[Any, Any] | None = None,
+    classifier_scale: float = 0.0,
+    classifier_labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """``num`` samples [num, H, W, C], in batches of ``batch_size``, each batch split over the data
     axis of ``mesh`` (default: all devices of all processes).
@@ -160,6 +163,10 @@ def generate(
     (None: the sampler's default). ``timesteps``: an explicit time sequence instead of ``steps``
     (:func:`jdiff.samplers.sample`; e.g. one that stops short of the data, for a truncated
     cascade stage). ``sigma_data``: wrap an EDM network in its preconditioning.
+    ``classifier``: ``(module, params)`` of a noise-aware classifier (e.g. ADM's, imported with
+    :mod:`jdiff.convert`) guiding every step towards ``classifier_labels`` [num] with scale
+    ``classifier_scale`` s: eps - s sigma_t grad log p(y | x_t) (:func:`jdiff.guidance.classifier`,
+    Dhariwal & Nichol 2021 Algorithm 2); with classifier-free guidance too, it guides the CFG output.
     x_T ~ N(0, prior_std^2 I) at the process's noise end (sigma_max for EDM, 1 otherwise).
     Every process gets the whole array.
     """
@@ -193,6 +200,23 @@ def generate(
             raise ValueError(f"labels: expected ints in [0, {num_classes}] ({num_classes} = the null class), "
                              f"got range [{y.min()}, {y.max()}] dtype {y.dtype}")
         cond["label"] = y.astype(np.int32)
+    if classifier is not None:
+        if not (isinstance(classifier, tuple) and len(classifier) == 2):
+            raise ValueError(f"classifier: expected (module, params) of a noise-aware classifier, got {type(classifier).__name__}")
+        k = getattr(classifier[0], "num_classes", None)
+        if classifier_labels is None or np.shape(classifier_labels) != (num,):
+            raise ValueError(f"classifier_labels: expected [{num}] ints (the classes to guide towards), got "
+                             f"{None if classifier_labels is None else np.shape(classifier_labels)}")
+        classifier_labels = np.asarray(classifier_labels)
+        if not np.issubdtype(classifier_labels.dtype, np.integer) or classifier_labels.min() < 0 or classifier_labels.max() >= k:
+            raise ValueError(f"classifier_labels: expected ints in [0, {k}) (the classifier's classes), got range "
+                             f"[{classifier_labels.min()}, {classifier_labels.max()}]")
+        if not (isinstance(classifier_scale, (int, float, np.integer, np.floating)) and np.isfinite(classifier_scale)
+                and classifier_scale >= 0):
+            raise ValueError(f"classifier_scale: expected a finite scale >= 0, got {classifier_scale!r}")
+        classifier_labels = classifier_labels.astype(np.int32)
+    elif classifier_labels is not None or classifier_scale:
+        raise ValueError("classifier_labels, classifier_scale: given without a classifier")
     mesh = parallel.make_mesh() if mesh is None else mesh
     batch_size = min(batch_size, num)
     devices = parallel.data_axis_size(mesh)
@@ -212,6 +236,12 @@ def generate(
             # what it needs along the data axis with x.
             part[k] = parallel.shard_params(v, mesh)
         fn = model_fn_for(module, params, None, guidance_weight, cond=part, sigma_data=sigma_data)
+        if classifier is not None:
+            y = classifier_labels[start : start + batch_size]
+            y = parallel.shard_params(np.pad(y, (0, padded - len(y)), mode="edge"), mesh)
+            log_prob = jax.tree_util.Partial(_classifier_log_prob, classifier[0], classifier[1])
+            fn = guidance.with_label(guidance.classifier(fn, log_prob, classifier_scale, schedule, variance=variance,
+                                                         parameterization=parameterization), y)
         kwargs = dict(method=method, steps=steps, timesteps=timesteps, eta=eta, clip=clip, variance=variance, parameterization=parameterization)
         if b == 0:  # checked (the network's output shape too) before the first key or x_T, which compile
             samplers._prepare(fn, schedule, (padded,) + image_shape, **kwargs)
@@ -224,6 +254,12 @@ def generate(
         x = samplers.sample(fn, schedule, x_T, batch_key, **kwargs)
         out.append(parallel.to_host(x)[: min(batch_size, num - start)])
     return np.concatenate(out)
+
+
+def _classifier_log_prob(module, params, x, t, y):
+    """log p(y | x_t) [B] of a noise-aware classifier (its logits' log-softmax at y)."""
+    logits = module.apply({"params": params}, x, t)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[:, None], axis=-1)[:, 0]
 
 
 def _on_mesh(params, mesh: Mesh) -> bool:

@@ -100,6 +100,8 @@ def load_for_sampling(workdir: str, mesh: Mesh | None = None) -> Loaded:
     """The newest checkpoint's EMA params with the network and schedule they were trained with,
     replicated on ``mesh`` (default: all devices), whatever mesh the checkpoint was written on."""
     config = load_config(workdir)
+    if config.model_name == "unet" and "pool" in config.model:  # launch.train_classifier's workdirs
+        config.model_name = "classifier"
     image_shape = data_lib.image_shape_of(config.data)
     model = network.build_model(config)
     state = _restore(workdir, config, model, image_shape, mesh)

@@ -8,6 +8,7 @@ python -m launch.sample --workdir workdirs/digits --num 16 --out fill.png --repa
 python -m launch.sample --workdir workdirs/digits_inpaint --num 16 --out fill.png --inpaint img.png --mask mask.png
 python -m launch.sample --workdir workdirs/fm_base14 --sr_workdir workdirs/fm_sr --aug_level 0.1 --label 3 --num 64 --out x.png
 python -m launch.sample --workdir workdirs/fm_sr --low_res img14.png --out up.png
+python -m launch.sample --workdir workdirs/adm64 --classifier_workdir workdirs/adm64_clf --classifier_scale 1 --label 207 --out x.png
 
 Cascades (jdiff.cascade; Ho et al. 2022, CDM): --workdir is the base stage and each --sr_workdir
 a super-resolution stage (a workdir trained with data.transform='super_resolution', e.g.
@@ -21,6 +22,13 @@ stages' (default: their configs). --low_res IMG with an SR workdir as --workdir 
 given image (.png or .npz with "image" [h, w, C] or [N, h, w, C] in [-1, 1]) of exactly the
 SR model's input size. A base whose output size is not the SR model's input, an SR workdir of
 another kind, or a level outside [0, 1] is an error before anything is loaded.
+
+Classifier guidance (Dhariwal & Nichol 2021, Algorithm 2): --classifier_workdir C --classifier_scale s
+guides every step towards --label (default: class-balanced over the classifier's classes) with
+a noise-aware classifier: a launch.train_classifier workdir or an OpenAI classifier imported with
+launch.convert --kind classifier. It must see the model's image size and noise schedule; with a
+class-conditional model the labels are the model's too (and --guidance adds classifier-free
+guidance on top), with an unconditional one they are the classifier's alone.
 
 --adapter FILE samples an adaptation (the adapter.msgpack launch.train / launch.finetune write in a
 LoRA, ControlNet or DreamBooth workdir: its trained params alone) on the base model --workdir.
@@ -116,6 +124,11 @@ _CONTROL_WORKDIR = flags.DEFINE_multi_string("control_workdir", None, "More Cont
 _ADAPTER = flags.DEFINE_string("adapter", None, "An adapter file (adapter.msgpack of a LoRA / ControlNet / DreamBooth "
                                 "workdir): sample it on the base --workdir.")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w >= 0.")
+_CLASSIFIER_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Classifier guidance (Dhariwal & Nichol 2021): a "
+                                          "noise-aware classifier's workdir (launch.train_classifier, or an OpenAI "
+                                          "classifier imported with launch.convert --kind classifier).")
+_CLASSIFIER_SCALE = flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale s > 0 (with "
+                                       "--classifier_workdir; ADM's ImageNet samples use 1 to 10).")
 _METHOD = flags.DEFINE_string("method", None, "A registered sampler: ddpm | ddim | euler_maruyama | ode | dpm_solver++ "
                               "(default: config).")
 _STEPS = flags.DEFINE_integer("steps", None, "Network calls (default: config).")
@@ -484,10 +497,20 @@ def main(argv):
             raise app.UsageError("--control_workdir: not with --adapter (compose ControlNet workdirs)")
     model = network.build_model(cfg)
     num_classes = getattr(model, "num_classes", None)
+    classifier_request = _check_classifier_flags(cfg)
     edit = _check_edit_flags(cfg, model)
     _check_sampler_flags(cfg, edit)
     labels = None
-    if _LABEL.value:
+    if classifier_request is not None:
+        classifier_labels = _classifier_labels(classifier_request[1], num_classes)
+        if num_classes is not None:  # a class-conditional model samples the classes it is guided towards
+            labels = classifier_labels
+        elif g:
+            raise app.UsageError("--guidance: classifier-free guidance needs a class-conditional model "
+                                 "(--classifier_scale sets classifier guidance)")
+        if edit is not None or _SR_WORKDIR.value or _LOW_RES.value or _CONTROL.value:
+            raise app.UsageError("--classifier_workdir: not combined with editing, cascade or control flags")
+    elif _LABEL.value:
         if num_classes is None:
             raise app.UsageError("--label: this model is not class-conditional")
         bad = [y for y in _LABEL.value if not 0 <= y < num_classes]
@@ -571,11 +594,61 @@ def main(argv):
             labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
             method=method, steps=steps, eta=eta, clip=s.clip or None,
             variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
-            sigma_data=config_lib.sigma_data_of(cfg),
+            sigma_data=config_lib.sigma_data_of(cfg), **_classifier_kwargs(classifier_request, loaded, mesh),
         )
     if inpaint:
         x = np.asarray(editing.paste_known(x, image, mask))  # the known pixels exactly
     _write(x, labels, num_classes, loaded.step)
+
+
+def _check_classifier_flags(cfg):
+    """``(workdir, classifier module)`` for --classifier_workdir (checked against the model's
+    config before anything is loaded), or None."""
+    if _CLASSIFIER_WORKDIR.value is None:
+        if _CLASSIFIER_SCALE.value is not None:
+            raise app.UsageError("--classifier_scale: only with --classifier_workdir")
+        return None
+    s = _CLASSIFIER_SCALE.value
+    if s is None or not np.isfinite(s) or s <= 0:
+        raise app.UsageError(f"--classifier_scale: expected a finite scale > 0 with --classifier_workdir, got {s}")
+    ccfg = common.load_workdir_config(_CLASSIFIER_WORKDIR.value)
+    if ccfg.model_name == "unet" and "pool" in ccfg.model:  # launch.train_classifier's workdirs
+        ccfg.model_name = "classifier"
+    if ccfg.model_name != "classifier":
+        raise app.UsageError(f"--classifier_workdir: {_CLASSIFIER_WORKDIR.value!r} holds a {ccfg.model_name!r} network; "
+                             "expected a noise-aware classifier (launch.train_classifier or launch.convert --kind classifier)")
+    if _image_shape(ccfg) != _image_shape(cfg):
+        raise app.UsageError(f"--classifier_workdir: the classifier sees {_image_shape(ccfg)} images, the model "
+                             f"samples {_image_shape(cfg)}")
+    mine, theirs = config_lib.make_schedule(cfg), config_lib.make_schedule(ccfg)
+    if not (hasattr(mine, "alphas_cumprod") and hasattr(theirs, "alphas_cumprod")
+            and np.allclose(np.asarray(mine.alphas_cumprod), np.asarray(theirs.alphas_cumprod))):
+        raise app.UsageError("--classifier_workdir: the classifier was trained on another noise schedule "
+                             f"({ccfg.diffusion.schedule}, T={ccfg.diffusion.num_timesteps}) than the model's "
+                             f"({cfg.diffusion.schedule}, T={cfg.diffusion.num_timesteps})")
+    return _CLASSIFIER_WORKDIR.value, network.build_model(ccfg)
+
+
+def _classifier_labels(classifier, model_classes):
+    k = classifier.num_classes
+    if model_classes is not None and model_classes != k:
+        raise app.UsageError(f"--classifier_workdir: the classifier has {k} classes, the model {model_classes}")
+    if _NULL_LABEL.value:
+        raise app.UsageError("--null_label: classifier guidance guides towards a class")
+    if _LABEL.value:
+        bad = [y for y in _LABEL.value if not 0 <= y < k]
+        if bad:
+            raise app.UsageError(f"--label: expected labels in [0, {k}) (the classifier's classes), got {bad}")
+        return np.resize(np.asarray(_LABEL.value, np.int32), _NUM.value)
+    return balanced_labels(_NUM.value, k)
+
+
+def _classifier_kwargs(request, loaded, mesh) -> dict:
+    if request is None:
+        return {}
+    clf = load_for_sampling(request[0], mesh)
+    labels = _classifier_labels(clf.model, getattr(loaded.model, "num_classes", None))
+    return dict(classifier=(clf.model, clf.params), classifier_scale=_CLASSIFIER_SCALE.value, classifier_labels=labels)
 
 
 def _write(x: np.ndarray, labels, num_classes, step: int) -> None:
