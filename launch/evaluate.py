@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from jdiff.data import NO_DATASET
 from jdiff.evaluation.workdir import evaluate_loaded
 from jdiff.workdir import load_for_sampling
 from launch import common
@@ -41,7 +42,14 @@ def main(argv):
         raise app.UsageError(f"--num: expected a positive number of samples, got {_NUM.value}")
     if not np.isfinite(_GUIDANCE.value) or _GUIDANCE.value < 0:
         raise app.UsageError(f"--guidance: expected a finite weight >= 0, got {_GUIDANCE.value}")
-    common.load_workdir_config(_WORKDIR.value)  # a training workdir, checked before anything is loaded
+    cfg = common.load_workdir_config(_WORKDIR.value)  # a training workdir, checked before anything is loaded
+    if cfg.data.name == NO_DATASET:  # an imported model (launch.convert) without a dataset
+        evaluator = cfg.eval.evaluator if _EVALUATOR.value is None else _EVALUATOR.value
+        if _BPD.value or evaluator:
+            raise app.UsageError(
+                f"--workdir: {_WORKDIR.value!r} has no dataset (data.name {NO_DATASET!r}: an imported model), so "
+                f"bits/dim (--bpd_examples {_BPD.value}) and the evaluator {evaluator!r} have no test images; pass "
+                "--bpd_examples 0 --evaluator '' for sample statistics alone, or convert with --data NAME")
     common.configure_devices()  # one XLA CPU device per core: the samples are split over them
     common.configure_compilation_cache()
     loaded = load_for_sampling(_WORKDIR.value)

@@ -330,7 +330,7 @@ def test_bad_folders(cases, tmp_path):
 @pytest.mark.parametrize("field,value", [
     ("resnet_time_scale_shift", "scale_shift"), ("down_block_types", ["SkipDownBlock2D", "AttnDownBlock2D"]),
     ("time_embedding_type", "fourier"), ("center_input_sample", True), ("class_embed_type", "timestep"),
-    ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]), ("brand_new_field", 1),
+    ("up_block_types", ["UpBlock2D", "AttnUpBlock2D"]),
 ])
 def test_unsupported_config_fields_are_named(cases, tmp_path, field, value):
     d = _copy_case(cases["class_embedding"], tmp_path)
@@ -339,6 +339,16 @@ def test_unsupported_config_fields_are_named(cases, tmp_path, field, value):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match=field):
         convert.from_diffusers(str(d))
+
+
+def test_fields_unet2dmodel_ignores_are_ignored_with_a_warning(cases, tmp_path):
+    d = _copy_case(cases["class_embedding"], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["retired_field"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="retired_field"):
+        again = convert.from_diffusers(str(d))
+    assert again.model == cases["class_embedding"].imported.model
 
 
 def test_unsupported_scheduler_fields_are_named(cases, tmp_path):
@@ -412,6 +422,12 @@ def test_command_line_import_sample_export(cases, tmp_path, torch_stack):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "s.png").exists()
+    evaluate = [sys.executable, "-m", "launch.evaluate", "--workdir", str(work), "--num", "2", "--steps", "2",
+                "--out", str(tmp_path / "m.json")]
+    r = subprocess.run(evaluate, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "has no dataset" in r.stderr and not (tmp_path / "m.json").exists(), r.stderr[-2000:]
+    r = subprocess.run(evaluate + ["--bpd_examples", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and json.loads((tmp_path / "m.json").read_text())["num_samples"] == 2, r.stderr[-2000:]
     r = _run("--to", "diffusers", "--workdir", str(work), str(tmp_path / "exported"))
     assert r.returncode == 0, r.stderr[-2000:]
     back = convert.from_diffusers(str(tmp_path / "exported"))

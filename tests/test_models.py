@@ -238,6 +238,18 @@ class TestTimeEmbeddings(chex.TestCase):
         assert np.all(np.abs(got - want) <= float32_argument_tol(np.concatenate([args, args], 1)))
         self.assertFalse(np.allclose(got, layers.fourier_features(t, 8, 16.0, 4)))
 
+    def test_sinusoidal_layouts_match_openai_and_diffusers(self):
+        # OpenAI's timestep_embedding (flip_sin_to_cos=True, freq_shift=0): [cos, sin] with
+        # frequencies exp(-log(10000) i / half); diffusers' Timesteps(dim, flip, shift) in general.
+        t = np.array([0, 3, 250, 999], np.int32)
+        for flip, shift in ((True, 0.0), (False, 0.0), (True, 1.0)):
+            got = np.asarray(layers.sinusoidal_embedding(t, 16, flip_sin_to_cos=flip, freq_shift=shift), np.float64)
+            args = t[:, None] * np.exp(-np.log(10000.0) * np.arange(8) / (8 - shift))[None]
+            want = np.concatenate([np.cos(args), np.sin(args)] if flip else [np.sin(args), np.cos(args)], 1)
+            assert np.all(np.abs(got - want) <= float32_argument_tol(np.concatenate([args, args], 1)))
+        with pytest.raises(ValueError, match="freq_shift: expected less than dim // 2 = 4"):
+            layers.sinusoidal_embedding(t, 8, freq_shift=4)
+
     def test_bad_arguments(self):
         with pytest.raises(ValueError, match="t: expected shape"):
             layers.sinusoidal_embedding(jnp.zeros((2, 1)), 8)
@@ -245,6 +257,26 @@ class TestTimeEmbeddings(chex.TestCase):
             layers.sinusoidal_embedding(jnp.zeros((2,)), 2)
         with pytest.raises(ValueError, match="dim"):
             layers.fourier_features(jnp.zeros((2,)), 7)
+
+
+def test_downsample_padding_zero_is_tf_same():
+    """padding=0 pads the bottom and right only (TF 'SAME' for stride 2): output pixel (i, j) sees
+    input rows 2i..2i+2 and columns 2j..2j+2; padding=1 starts one pixel earlier."""
+    x = np.random.RandomState(0).randn(1, 6, 6, 2).astype(np.float32)
+    for padding, offset in ((0, 0), (1, -1)):
+        down = layers.Downsample(True, padding=padding)
+        p = down.init(jax.random.key(0), x)["params"]
+        got = np.asarray(down.apply({"params": p}, x), np.float64)
+        k, b = np.asarray(p["conv"]["kernel"], np.float64), np.asarray(p["conv"]["bias"], np.float64)
+        xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))  # index r of x at r + 1
+        want = np.zeros((1, 3, 3, 2))
+        for i in range(3):
+            for j in range(3):
+                r, c = 2 * i + offset + 1, 2 * j + offset + 1
+                want[0, i, j] = np.einsum("hwc,hwco->o", xp[0, r:r + 3, c:c + 3], k) + b
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="padding: expected 0"):
+        layers.Downsample(True, padding=2).init(jax.random.key(0), x)
 
 
 def test_norm_groups_adapt_to_small_channel_counts():
@@ -638,6 +670,13 @@ def test_bad_conditioning_raises(adm_net, cond_net):
         (dict(aug_level_embedding="yes"), "aug_level_embedding"),
         (dict(out_channels=0), "out_channels"),
         (dict(attention_resolutions=16), "attention_resolutions"),
+        (dict(num_head_channels=0), "num_head_channels"),
+        (dict(norm_num_groups=48), r"norm_num_groups: expected None or a positive divisor of every level's channel count \[128, 256\]"),
+        (dict(norm_eps=0.0), "norm_eps"),
+        (dict(downsample_padding=2), "downsample_padding"),
+        (dict(flip_sin_to_cos="no"), "flip_sin_to_cos"),
+        (dict(freq_shift=64), "freq_shift"),
+        (dict(time_scale=0.0), "time_scale"),
     ],
 )
 def test_bad_fields_raise(fields, match):

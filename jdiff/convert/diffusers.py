@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -126,8 +127,9 @@ def unet_fields(config: Mapping[str, Any]) -> tuple[dict, tuple, int]:
     if name != "UNet2DModel":
         raise _unsupported("_class_name", name, "'UNet2DModel' (a pixel-space diffusers U-Net)")
     unknown = sorted(k for k in cfg if not k.startswith("_") and k not in _KNOWN)
-    if unknown:
-        raise ConversionError(f"config.json: unknown field(s) {unknown} for UNet2DModel; the converter knows {sorted(_KNOWN)}")
+    if unknown:  # diffusers' UNet2DModel ignores them too (older checkpoints carry retired keys)
+        warnings.warn(f"config.json: field(s) {unknown} are not UNet2DModel arguments; ignored, as diffusers does "
+                      f"(the converter reads {sorted(_KNOWN)})", stacklevel=3)
     get = lambda k, default=None: cfg.get(k, default)  # noqa: E731  (UNet2DModel's defaults below)
     size = get("sample_size")
     if isinstance(size, (list, tuple)):
@@ -136,15 +138,17 @@ def unet_fields(config: Mapping[str, Any]) -> tuple[dict, tuple, int]:
         size = size[0]
     if not isinstance(size, int) or size < 1:
         raise _unsupported("sample_size", size, "a positive int (the image side the model was trained at)")
-    for field, want, expected in (("center_input_sample", False, "false"), ("time_embedding_type", "positional", "'positional'"),
-                                  ("mid_block_type", "UNetMidBlock2D", "'UNetMidBlock2D'"),
-                                  ("downsample_type", "conv", "'conv'"), ("upsample_type", "conv", "'conv'"),
-                                  ("resnet_time_scale_shift", "default", "'default' ('scale_shift' drops the mid-block "
-                                   "attention's group norm, which jdiff's U-Net keeps)"),
-                                  ("class_embed_type", None, "null (a learned class embedding from num_class_embeds)")):
-        default = {"center_input_sample": False, "time_embedding_type": "positional", "mid_block_type": "UNetMidBlock2D",
-                   "downsample_type": "conv", "upsample_type": "conv", "resnet_time_scale_shift": "default",
-                   "class_embed_type": None}[field]
+    fixed = (  # (field, UNet2DModel's default, the value jdiff runs, what the error says)
+        ("center_input_sample", False, False, "false"),
+        ("time_embedding_type", "positional", "positional", "'positional'"),
+        ("mid_block_type", "UNetMidBlock2D", "UNetMidBlock2D", "'UNetMidBlock2D'"),
+        ("downsample_type", "conv", "conv", "'conv'"),
+        ("upsample_type", "conv", "conv", "'conv'"),
+        ("resnet_time_scale_shift", "default", "default",
+         "'default' ('scale_shift' drops the mid-block attention's group norm, which jdiff's U-Net keeps)"),
+        ("class_embed_type", None, None, "null (a learned class embedding from num_class_embeds)"),
+    )
+    for field, default, want, expected in fixed:
         if get(field, default) != want:
             raise _unsupported(field, get(field), expected)
     if get("act_fn", "silu") not in ("silu", "swish"):
