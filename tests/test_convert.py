@@ -234,13 +234,13 @@ def test_sampling_matches_diffusers(cases, torch_stack, monkeypatch, method):
     out = jdiff_sample(_model_fn(case), schedules.linear(d["num_timesteps"], d["beta_start"], d["beta_end"]),
                        jnp.asarray(x_T), key, method=method, timesteps=np.array(ts + [-1]), clip=True,
                        **({"eta": 0.0} if method == "ddim" else {"variance": d["variance"]}))
-    noises = [torch.from_numpy(_jdiff_noise(key, i, shape).transpose(0, 3, 1, 2)) for i in range(len(ts))]
+    noises = [torch.from_numpy(np.ascontiguousarray(_jdiff_noise(key, i, shape).transpose(0, 3, 1, 2))) for i in range(len(ts))]
     if method == "ddpm":
         import diffusers.schedulers.scheduling_ddpm as ddpm_module
 
         drawn = iter(noises)
         monkeypatch.setattr(ddpm_module, "randn_tensor", lambda *a, **k: next(drawn))
-    x = torch.from_numpy(x_T.transpose(0, 3, 1, 2))
+    x = torch.from_numpy(np.ascontiguousarray(x_T.transpose(0, 3, 1, 2)))
     with torch.no_grad():
         for t in sched.timesteps:
             eps = case.model(x, t.expand(len(x))).sample
@@ -262,9 +262,8 @@ def _native_unet():
     shape = (8, 8, 2)
     params = jax.jit(lambda k: module.init(k, jnp.zeros((1,) + shape), jnp.zeros((1,), jnp.int32),
                                            {"label": jnp.zeros((1,), jnp.int32)})["params"])(jax.random.key(0))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [np.asarray(jax.random.normal(k, l.shape) * 0.1) for k, l in zip(keys, leaves)])
+    rng = np.random.RandomState(1)  # NumPy: an eager jax.random call per leaf would compile per shape
+    params = jax.tree.map(lambda l: (rng.standard_normal(l.shape) * 0.1).astype(np.float32), params)
     return fields, module, params, shape
 
 
@@ -284,7 +283,7 @@ def test_round_trip_is_exact_and_diffusers_runs_the_export(torch_stack, tmp_path
     x, t, y = rng.randn(2, 2, 8, 8).astype(np.float32), np.array([5, 900]), np.array([0, 3])
     with torch.no_grad():
         ref = pipe.unet(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(y)).sample.numpy()
-    got = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), {"label": jnp.asarray(y)})
+    got = jax.jit(module.apply)({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), {"label": jnp.asarray(y)})
     assert np.abs(np.asarray(got).transpose(0, 3, 1, 2) - ref).max() <= TOL
     assert pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
 
@@ -481,3 +480,17 @@ def test_full_size_ddpm_cifar10(torch_stack, tmp_path):
     got = jax.jit(imported.module().apply)({"params": imported.params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t))
     err = float(np.abs(np.asarray(got).transpose(0, 3, 1, 2) - ref).max())
     assert err <= TOL, f"max abs error {err:.3g}"
+
+
+def test_missing_extras_are_named(tmp_path, monkeypatch):
+    """Without torch / safetensors (the convert extra), reading says what to install."""
+    from jdiff.convert.common import read_state_dict
+
+    for name, module in (("w.bin", "torch"), ("w.safetensors", "safetensors.numpy")):
+        (tmp_path / name).write_bytes(b"\0" * 16)
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+        with pytest.raises(ConversionError, match=r"jdiff\[convert\]"):
+            read_state_dict(str(tmp_path / name))
+    with pytest.raises(ConversionError, match="expected .safetensors, .bin, .pt or .pth"):
+        (tmp_path / "w.ckpt2").write_bytes(b"")
+        read_state_dict(str(tmp_path / "w.ckpt2"))

@@ -734,10 +734,7 @@ def from_openai(checkpoint: Union[str, os.PathLike, Mapping[str, Any]], flags: F
         raise ConversionError(f"{source}: input_blocks.0.0.weight has 6 input channels (shape {first.shape}): a "
                               "SuperResModel (x and the upsampled low-resolution image), which is not supported")
     try:
-        module = models.build(name, fields)
-        # A classifier predicts the label, so it is initialised without one (the example
-        # conditioning would give any module with num_classes a label).
-        template = template_of(module, image_shape)
+        template = template_of(models.build(name, fields), image_shape)
     except ValueError as e:
         raise ConversionError(f"flags: jdiff refuses the network they describe: {e}") from None
     params = apply_rules(state, rules, template, source)
