@@ -6,6 +6,7 @@ given training step, a pure function of (seed, step) that each process of a mult
 job slices for itself.
 """
 
+from jdiff.data import captions
 from jdiff.data.datasets import BUILTIN_DATASETS, DATA_CONFIG_KEYS, NO_DATASET, Dataset, get_dataset, image_shape_of
 from jdiff.data.digits import DIGITS_NUM_CLASSES, DIGITS_SHAPE, DIGITS_SPLITS, load_digits
 from jdiff.data.fashion_mnist import (
@@ -41,6 +42,7 @@ __all__ = [
     "batch_indices",
     "center_crop_resize",
     "get_dataset",
+    "captions",
     "image_shape_of",
     "NO_DATASET",
     "iterate",

@@ -23,7 +23,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-__all__ = ["SHAPE_NAMES", "ShapeParams", "shape_params", "render_shapes", "shapes"]
+__all__ = ["SHAPE_NAMES", "ShapeParams", "shape_params", "render_shapes", "shapes", "inside_shape"]
 
 SHAPE_NAMES = ("disc", "square", "triangle")
 MIN_RESOLUTION = 8
@@ -90,8 +90,10 @@ def shape_params(num_examples: int, seed: int | Sequence[int]) -> ShapeParams:
     return ShapeParams(labels=labels, centers=centers, sizes=sizes, colors=colors)
 
 
-def _inside(label: int, cx: np.ndarray, cy: np.ndarray, h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """[n, R, R] bool for n shapes of one type. cx, cy, h: [n, 1, 1]; x, y: pixel centres."""
+def inside_shape(label: int, cx: np.ndarray, cy: np.ndarray, h: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether pixel centres (x, y) lie in shapes of type ``label`` (an index into SHAPE_NAMES)
+    centred at (cx, cy) with half-extent h: broadcast together, e.g. cx, cy, h [n, 1, 1] and
+    x [1, 1, R], y [1, R, 1] give [n, R, R] bool. Image-relative units, y pointing down."""
     dx, dy = x - cx, y - cy
     if label == 0:
         return dx**2 + dy**2 <= h**2
@@ -125,7 +127,7 @@ def render_shapes(params: ShapeParams, resolution: int) -> tuple[np.ndarray, np.
         for label in range(len(SHAPE_NAMES)):
             group = labels == label
             cx, cy = (params.centers[sl][group, i, None, None] for i in (0, 1))
-            inside[group] = _inside(label, cx, cy, params.sizes[sl][group, None, None], x, y)
+            inside[group] = inside_shape(label, cx, cy, params.sizes[sl][group, None, None], x, y)
         rgb = inside[..., None] * params.colors[sl, None, None, :]
         images[sl] = 2.0 * rgb - 1.0
         masks[sl] = inside[..., None]
