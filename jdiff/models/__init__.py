@@ -1,6 +1,6 @@
 """Flax (linen) networks. They know nothing of diffusion: no schedules, only (x, t, cond)."""
 
-from jdiff.models import classifier, controlnet, layers, lora, registry, unet
+from jdiff.models import classifier, controlnet, layers, lora, registry, text, unet
 from jdiff.models.classifier import NoiseAwareClassifier
 from jdiff.models.controlnet import ControlledUNet, ControlNet
 from jdiff.models.layers import (
@@ -15,6 +15,7 @@ from jdiff.models.layers import (
     sinusoidal_embedding,
 )
 from jdiff.models.lora import LoRA
+from jdiff.models.text import CLIP, TextEncoder
 from jdiff.models.registry import MODELS, build, register, resolve
 from jdiff.models.unet import EncoderOutput, UNet, UNetDecoder, UNetEncoder, cifar10_ddpm_unet, module_from_config
 
@@ -27,6 +28,8 @@ __all__ = [
     "ControlNet",
     "ControlledUNet",
     "LoRA",
+    "TextEncoder",
+    "CLIP",
     "cifar10_ddpm_unet",
     "module_from_config",
     "MODELS",

@@ -1,0 +1,142 @@
+"""A small transformer text encoder and a CLIP-style image-text model (Radford et al. 2021).
+
+:class:`TextEncoder`: token ids ``[B, L]`` and their padding mask -> token features
+``[B, L, width]`` (the context a U-Net's cross-attention reads, LDM sec. 3.3) and one pooled
+vector ``[B, width]`` (the masked mean of the tokens). The architecture is a pre-LayerNorm
+transformer (Vaswani et al. 2017; GPT-2's block order): learned token and position embeddings,
+then ``layers`` blocks of masked multi-head self-attention and an MLP, each residual, and a
+final LayerNorm. Padding is masked out of every attention and of the pooling, so what a padded
+position holds never changes the output.
+
+:class:`CLIP`: an image tower and that text encoder, each followed by a linear projection to
+``embed_dim``, with L2-normalised outputs and a learned log temperature (CLIP's logit scale).
+The image tower is the noise-aware classifier's trunk (:class:`~jdiff.models.NoiseAwareClassifier`
+with ``embed_dim`` outputs), so the same model is GLIDE's "noised CLIP" when it is trained on
+x_t with t as input (Nichol et al. 2022, sec. 2.3), and a plain CLIP when t is always 0. The
+networks know nothing of diffusion: the caller chooses t.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdiff.models.classifier import NoiseAwareClassifier
+
+__all__ = ["TextEncoder", "CLIP"]
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+class TextEncoder(nn.Module):
+    """Token ids -> ``(tokens [B, L, width], pooled [B, width])`` (see the module docstring).
+
+    Fields: vocab_size (ids in [0, vocab_size); 0 is padding by convention), max_length (the
+    longest L), width, layers, heads (dividing width), mlp_ratio.
+    Call: ``ids`` int ``[B, L]`` with L <= max_length, ``mask`` bool ``[B, L]`` (True = a real
+    token; None: all real). A row with no real token (the null caption of classifier-free
+    guidance) gives zero token features and a zero pooled vector.
+    """
+
+    vocab_size: int
+    max_length: int = 20
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: int = 4
+
+    def __post_init__(self):
+        for name in ("vocab_size", "max_length", "width", "layers", "heads", "mlp_ratio"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if self.width % self.heads:
+            raise ValueError(f"heads: expected a divisor of width {self.width}, got {self.heads}")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, ids: jax.Array, mask: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+        if np.ndim(ids) != 2 or not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+            raise ValueError(f"ids: expected int token ids [B, L], got shape {np.shape(ids)} dtype {jnp.result_type(ids)}")
+        B, L = np.shape(ids)
+        if L > self.max_length:
+            raise ValueError(f"ids: {L} tokens, more than max_length {self.max_length}")
+        if mask is None:
+            mask = jnp.ones((B, L), bool)
+        if tuple(np.shape(mask)) != (B, L) or jnp.result_type(mask) != jnp.bool_:
+            raise ValueError(f"mask: expected a bool array of shape {(B, L)}, got shape {np.shape(mask)} "
+                             f"dtype {jnp.result_type(mask)}")
+        if not isinstance(ids, jax.core.Tracer):
+            concrete = np.asarray(ids)
+            if concrete.size and (concrete.min() < 0 or concrete.max() >= self.vocab_size):
+                raise ValueError(f"ids: expected ids in [0, {self.vocab_size}), got range [{concrete.min()}, {concrete.max()}]")
+        h = nn.Embed(self.vocab_size, self.width, name="token_embed")(ids)
+        pos = self.param("position_embed", nn.initializers.normal(0.02), (self.max_length, self.width))
+        h = h + pos[None, :L]
+        d = self.width // self.heads
+        # A row with no real token attends to itself only (finite), and is zeroed at the end.
+        attend = (mask[:, None, :] | jnp.eye(L, dtype=bool)[None]) & (mask[:, :, None] | jnp.eye(L, dtype=bool)[None])
+        for i in range(self.layers):
+            x = nn.LayerNorm(name=f"ln_attn_{i}")(h)
+            q, k, v = (nn.Dense(self.width, name=f"{n}_{i}")(x).reshape(B, L, self.heads, d) for n in "qkv")
+            a = jax.nn.dot_product_attention(q, k, v, mask=attend[:, None]).reshape(B, L, self.width)
+            h = h + nn.Dense(self.width, name=f"proj_{i}")(a)
+            x = nn.LayerNorm(name=f"ln_mlp_{i}")(h)
+            x = nn.Dense(self.mlp_ratio * self.width, name=f"mlp_in_{i}")(x)
+            h = h + nn.Dense(self.width, name=f"mlp_out_{i}")(nn.gelu(x))
+        h = nn.LayerNorm(name="ln_final")(h) * mask[..., None]
+        count = mask.sum(axis=1, keepdims=True)
+        pooled = h.sum(axis=1) / jnp.maximum(count, 1)
+        return h, pooled
+
+
+class CLIP(nn.Module):
+    """Image and text embeddings in one space (Radford et al. 2021) and a learned temperature.
+
+    Fields: embed_dim; the text encoder's (vocab_size, max_length, text_width, text_layers,
+    text_heads); the image tower's NoiseAwareClassifier trunk (image_channels_base,
+    image_channel_mult, image_res_blocks, image_attention_resolutions).
+
+    Methods (``module.apply(params, ..., method=...)``):
+      ``encode_image(x [B, H, W, C], t [B])`` -> ``[B, embed_dim]``, unit norm;
+      ``encode_text(ids [B, L], mask [B, L])`` -> ``[B, embed_dim]``, unit norm;
+      ``__call__(x, t, ids, mask)`` -> ``(image_emb, text_emb, logit_scale)`` with
+      ``logit_scale = exp(log_scale)`` (initialised to 1 / 0.07, CLIP's value) clipped at 100.
+    """
+
+    vocab_size: int
+    max_length: int = 20
+    embed_dim: int = 64
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    image_channels_base: int = 32
+    image_channel_mult: Sequence[int] = (1, 2, 2)
+    image_res_blocks: int = 1
+    image_attention_resolutions: Sequence[int] = (8,)
+
+    def setup(self):
+        self.text = TextEncoder(self.vocab_size, self.max_length, self.text_width, self.text_layers, self.text_heads)
+        self.text_proj = nn.Dense(self.embed_dim, use_bias=False)
+        self.image = NoiseAwareClassifier(
+            num_classes=self.embed_dim, pool="attention", base_channels=self.image_channels_base,
+            channel_mult=tuple(self.image_channel_mult), num_res_blocks=self.image_res_blocks,
+            attention_resolutions=tuple(self.image_attention_resolutions), num_heads=1, dropout=0.0)
+        self.log_scale = self.param("log_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
+
+    def encode_image(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        e = self.image(x, t)
+        return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6)
+
+    def encode_text(self, ids: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        e = self.text_proj(self.text(ids, mask)[1])
+        return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6)
+
+    def __call__(self, x: jax.Array, t: jax.Array, ids: jax.Array, mask: Optional[jax.Array] = None) -> tuple[Any, Any, Any]:
+        return self.encode_image(x, t), self.encode_text(ids, mask), jnp.minimum(jnp.exp(self.log_scale), 100.0)
