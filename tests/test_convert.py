@@ -494,3 +494,40 @@ def test_missing_extras_are_named(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="expected .safetensors, .bin, .pt or .pth"):
         (tmp_path / "w.ckpt2").write_bytes(b"")
         read_state_dict(str(tmp_path / "w.ckpt2"))
+
+
+@pytest.mark.slow
+def test_a_model_trained_in_jdiff_runs_in_diffusers(torch_stack, tmp_path):
+    """configs/tiny.py trained by launch.train (with one GroupNorm group count, as UNet2DModel
+    has), exported by launch.convert --to diffusers, run by diffusers' DDPMPipeline's UNet: the
+    same outputs as the workdir's EMA params in jdiff. Without the group count the export is
+    refused, naming model.norm_num_groups, and nothing is written."""
+    torch, diffusers_lib = torch_stack
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    grouped = tmp_path / "tiny_g4.py"  # a config file: command-line overrides cannot add a key
+    grouped.write_text("import importlib.util\n"
+                       f"spec = importlib.util.spec_from_file_location('tiny', {os.path.join(ROOT, 'configs', 'tiny.py')!r})\n"
+                       "tiny = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(tiny)\n\n\n"
+                       "def get_config():\n    c = tiny.get_config()\n    c.model.norm_num_groups = 4\n    return c\n")
+    work, plain = tmp_path / "tiny_g4", tmp_path / "tiny"
+    for config, out in ((str(grouped), work), ("configs/tiny.py", plain)):
+        r = subprocess.run([sys.executable, "-m", "launch.train", "--config", config, "--workdir", str(out)], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = _run("--to", "diffusers", "--workdir", str(plain), str(tmp_path / "refused"))
+    assert r.returncode != 0 and "model.norm_num_groups" in r.stderr and not (tmp_path / "refused").exists(), r.stderr[-2000:]
+    r = _run("--to", "diffusers", "--workdir", str(work), str(tmp_path / "exported"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    from jdiff.workdir import load_for_sampling
+
+    loaded = load_for_sampling(str(work))
+    pipe = diffusers_lib.DDPMPipeline.from_pretrained(str(tmp_path / "exported"))
+    assert pipe.scheduler.config.num_train_timesteps == 20 and pipe.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    rng = np.random.RandomState(0)
+    x, t, y = rng.randn(3, 1, 8, 8).astype(np.float32), np.array([0, 7, 19]), np.array([0, 5, 10])  # 10: the null class
+    with torch.no_grad():
+        ref = pipe.unet(torch.from_numpy(x), torch.from_numpy(t), class_labels=torch.from_numpy(y)).sample.numpy()
+    got = jax.jit(loaded.model.apply)({"params": loaded.params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
+                                      {"label": jnp.asarray(y)})
+    err = float(np.abs(np.asarray(got).transpose(0, 3, 1, 2) - ref).max())
+    assert np.abs(ref).max() > 1e-3 and err <= TOL, err
