@@ -42,12 +42,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from jdiff import convert, schedules  # noqa: E402
+from jdiff.convert import diffusers as dconv  # noqa: E402
 
-CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
-    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None,
-    norm_num_groups=32, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
+CIFAR10 = dconv.DDPM_CIFAR10_32
 DIFFUSERS_LAYOUTS = {
     "diffusers: ddpm-cifar10-32 config": CIFAR10,
     "diffusers: ddpm-cifar10-32 layout, 1/4 width": {**CIFAR10, "block_out_channels": [32, 64, 64, 64]},

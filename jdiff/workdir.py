@@ -65,6 +65,9 @@ def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
     # Configs written before samplers rejected eta for methods without one stored eta=0.0 for ddpm.
     if s.get("method") == "ddpm" and s.get("eta") == 0.0:
         s["eta"] = None
+    # launch.train_classifier writes a noise-aware classifier's fields with the default model_name.
+    if merged.get("model_name") == "unet" and "pool" in merged.get("model", {}):
+        merged["model_name"] = "classifier"
     return ml_collections.ConfigDict(merged)
 
 
@@ -100,8 +103,6 @@ def load_for_sampling(workdir: str, mesh: Mesh | None = None) -> Loaded:
     """The newest checkpoint's EMA params with the network and schedule they were trained with,
     replicated on ``mesh`` (default: all devices), whatever mesh the checkpoint was written on."""
     config = load_config(workdir)
-    if config.model_name == "unet" and "pool" in config.model:  # launch.train_classifier's workdirs
-        config.model_name = "classifier"
     image_shape = data_lib.image_shape_of(config.data)
     model = network.build_model(config)
     state = _restore(workdir, config, model, image_shape, mesh)

@@ -503,6 +503,7 @@ def main(argv):
     labels = None
     if classifier_request is not None:
         classifier_labels = _classifier_labels(classifier_request[1], num_classes)
+        classifier_request = (classifier_request[0], classifier_labels)
         if num_classes is not None:  # a class-conditional model samples the classes it is guided towards
             labels = classifier_labels
         elif g:
@@ -594,7 +595,7 @@ def main(argv):
             labels=labels, cond=cond, guidance_weight=g, batch_size=_BATCH.value or s.batch_size,
             method=method, steps=steps, eta=eta, clip=s.clip or None,
             variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
-            sigma_data=config_lib.sigma_data_of(cfg), **_classifier_kwargs(classifier_request, loaded, mesh),
+            sigma_data=config_lib.sigma_data_of(cfg), **_classifier_kwargs(classifier_request, mesh),
         )
     if inpaint:
         x = np.asarray(editing.paste_known(x, image, mask))  # the known pixels exactly
@@ -612,8 +613,6 @@ def _check_classifier_flags(cfg):
     if s is None or not np.isfinite(s) or s <= 0:
         raise app.UsageError(f"--classifier_scale: expected a finite scale > 0 with --classifier_workdir, got {s}")
     ccfg = common.load_workdir_config(_CLASSIFIER_WORKDIR.value)
-    if ccfg.model_name == "unet" and "pool" in ccfg.model:  # launch.train_classifier's workdirs
-        ccfg.model_name = "classifier"
     if ccfg.model_name != "classifier":
         raise app.UsageError(f"--classifier_workdir: {_CLASSIFIER_WORKDIR.value!r} holds a {ccfg.model_name!r} network; "
                              "expected a noise-aware classifier (launch.train_classifier or launch.convert --kind classifier)")
@@ -643,11 +642,12 @@ def _classifier_labels(classifier, model_classes):
     return balanced_labels(_NUM.value, k)
 
 
-def _classifier_kwargs(request, loaded, mesh) -> dict:
+def _classifier_kwargs(request, mesh) -> dict:
+    """generate()'s classifier arguments for ``(classifier workdir, labels)``, or none."""
     if request is None:
         return {}
-    clf = load_for_sampling(request[0], mesh)
-    labels = _classifier_labels(clf.model, getattr(loaded.model, "num_classes", None))
+    workdir, labels = request
+    clf = load_for_sampling(workdir, mesh)
     return dict(classifier=(clf.model, clf.params), classifier_scale=_CLASSIFIER_SCALE.value, classifier_labels=labels)
 
 

@@ -76,3 +76,16 @@ def require_modules(*names: str):
                 pytest.fail("CI is set, so the PyTorch oracle tests must run: " + message)
             pytest.skip(message)
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def randomize_torch(model, seed: int, std: float = 0.1):
+    """Redraw every parameter of a torch module from N(0, std^2), seeded, and put it in eval
+    mode: the converters' oracles zero-initialise output convs and attention projections, which
+    would make an untrained comparison pass whatever the mapping."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model.eval()

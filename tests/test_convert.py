@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require_modules
+from conftest import randomize_torch, require_modules
 from flax import traverse_util
 
 from jdiff import convert, schedules
@@ -35,12 +35,7 @@ TOL = 1e-4  # max abs error of a float32 forward pass (the issue's bar); measure
 # attention at several resolutions with fixed-width heads and a learned variance, and a class
 # embedding on 1-channel images with no mid-block attention.
 LAYOUTS = {
-    "ddpm_cifar10": dict(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=[32, 64, 64, 64], layers_per_block=2,
-        down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None,
-        norm_num_groups=32, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-        mid_block_scale_factor=1, center_input_sample=False, time_embedding_type="positional", act_fn="silu"),
+    "ddpm_cifar10": {**dconv.DDPM_CIFAR10_32, "block_out_channels": [32, 64, 64, 64]},
     "multi_attention": dict(
         sample_size=16, in_channels=3, out_channels=6, block_out_channels=[32, 64, 64], layers_per_block=1,
         down_block_types=["AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
@@ -67,20 +62,12 @@ def torch_stack():
     return torch, diffusers_lib
 
 
-def _randomize(torch, model, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model.eval()
-
-
 class Case:
     """A diffusers model saved to disk, its conversion and a jitted jdiff forward."""
 
     def __init__(self, torch, diffusers_lib, name, tmp, seed=0, safe=True):
         self.name, self.torch = name, torch
-        self.model = _randomize(torch, diffusers_lib.UNet2DModel(**LAYOUTS[name]), seed)
+        self.model = randomize_torch(diffusers_lib.UNet2DModel(**LAYOUTS[name]), seed)
         self.dir = str(tmp / name)
         self.model.save_pretrained(self.dir, safe_serialization=safe)
         with open(os.path.join(self.dir, "scheduler_config.json"), "w") as f:
@@ -468,8 +455,8 @@ def test_workdir_refuses_to_overwrite(cases, tmp_path):
 def test_full_size_ddpm_cifar10(torch_stack, tmp_path):
     """google/ddpm-cifar10-32's exact config (35.7M parameters), random weights."""
     torch, diffusers_lib = torch_stack
-    layout = {**LAYOUTS["ddpm_cifar10"], "block_out_channels": [128, 256, 256, 256]}
-    model = _randomize(torch, diffusers_lib.UNet2DModel(**layout), 7)
+    layout = dconv.DDPM_CIFAR10_32
+    model = randomize_torch(diffusers_lib.UNet2DModel(**layout), 7)
     model.save_pretrained(str(tmp_path / "m"))
     imported = convert.from_diffusers(str(tmp_path / "m"))
     assert sum(p.numel() for p in model.parameters()) == 35_746_307

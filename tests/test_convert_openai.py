@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require_modules
+from conftest import randomize_torch, require_modules
 
 from jdiff import diffusion, samplers, schedules
 from jdiff import workdir as workdir_lib
@@ -63,14 +63,6 @@ def gd():
             "guided_diffusion.respace")
     del unet
     return torch, script_util, gaussian_diffusion, respace
-
-
-def _randomised(torch, model, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():  # zero_module'd convs too
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def _inputs(size: int, seed: int):
@@ -120,7 +112,7 @@ def _model_case(gd, tmp_path_factory, flags, seed, codebase="guided-diffusion", 
     torch, script_util, _, _ = gd
     args = {**script_util.model_and_diffusion_defaults(), **(oracle_flags or flags)}
     model, process = script_util.create_model_and_diffusion(**args)
-    model = _randomised(torch, model, seed)
+    model = randomize_torch(model, seed)
     path = tmp_path_factory.mktemp("openai") / "model.pt"
     torch.save(model.state_dict(), path)
     imported = from_openai(str(path), _flag_string(flags), codebase=codebase)
@@ -147,7 +139,7 @@ def improved(gd, tmp_path_factory):
 def _classifier_case(gd, tmp_path_factory, flags, seed):
     torch, script_util, _, _ = gd
     args = {**script_util.classifier_defaults(), **flags}
-    model = _randomised(torch, script_util.create_classifier(**args), seed)
+    model = randomize_torch(script_util.create_classifier(**args), seed)
     path = tmp_path_factory.mktemp("openai") / "classifier.pt"
     torch.save(model.state_dict(), path)
     imported = from_openai(str(path), _flag_string(flags), kind="classifier")

@@ -32,6 +32,9 @@ __all__ = [
     "linear",
     "copy",
     "read_state_dict",
+    "state_arrays",
+    "flat_params",
+    "check_params",
     "apply_rules",
     "export_rules",
     "write_workdir",
@@ -147,13 +150,39 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
                     break
         if not isinstance(raw, Mapping):
             raise ConversionError(f"path: {path!r} holds a {type(raw).__name__}, expected a state dict (name -> tensor)")
-        out = {}
-        for k, v in raw.items():
-            if not hasattr(v, "detach"):
-                raise ConversionError(f"path: {path!r}: entry {k!r} is a {type(v).__name__}, expected a tensor")
-            out[str(k)] = v.detach().to(torch.float32).numpy()
-        return out
+        return state_arrays(raw, f"path: {path!r}")
     raise ConversionError(f"path: {path!r} has extension {ext!r}; expected .safetensors, .bin, .pt or .pth")
+
+
+def state_arrays(state: Mapping[str, Any], source: str = "state dict") -> dict[str, np.ndarray]:
+    """A state dict (name -> torch tensor or array) as float32 NumPy arrays; anything else in it
+    is a :class:`ConversionError` naming the entry (``source`` prefixes the message)."""
+    out = {}
+    for k, v in state.items():
+        if hasattr(v, "detach"):  # a torch tensor (torch itself is not imported here)
+            v = v.detach().cpu().float().numpy()
+        elif not hasattr(v, "shape"):
+            raise ConversionError(f"{source}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+        out[str(k)] = np.asarray(v, np.float32)
+    return out
+
+
+def flat_params(params: Any) -> dict[str, Any]:
+    """'/'-joined param path -> leaf of a (possibly frozen) nested params dict."""
+    import flax
+
+    tree = flax.core.unfreeze(params) if isinstance(params, flax.core.FrozenDict) else dict(params)
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def check_params(params: Any, template: Mapping[str, Any], what: str) -> None:
+    """Raise a :class:`ConversionError` unless ``params`` has exactly ``template``'s paths and
+    shapes (``what`` names the network in the message)."""
+    got = {p: tuple(np.shape(v)) for p, v in flat_params(params).items()}
+    want = {p: tuple(s.shape) for p, s in template.items()}
+    if got != want:
+        wrong = sorted(set(got) ^ set(want)) or sorted(p for p in got if got[p] != want[p])
+        raise ConversionError(f"params: they do not match {what} (first differences: {wrong[:6]}; nothing was written)")
 
 
 def _list(names: Sequence[str], limit: int = 12) -> str:
@@ -212,7 +241,7 @@ def export_rules(params: Mapping[str, Any], rules: Sequence[Rule]) -> dict[str, 
     """The inverse of :func:`apply_rules` for rules without ``select``: a torch state dict
     (name -> float32 NumPy array) from jdiff params. Rules with ``pad_rows`` drop those rows.
     Raises :class:`ConversionError` when params and rules do not cover each other."""
-    flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(_plain(params), sep="/").items()}
+    flat = {k: np.asarray(v, np.float32) for k, v in flat_params(params).items()}
     paths = {r.path for r in rules}
     extra, lacking = sorted(set(flat) - paths), sorted(paths - set(flat))
     if extra or lacking:
@@ -229,12 +258,6 @@ def export_rules(params: Mapping[str, Any], rules: Sequence[Rule]) -> dict[str, 
     return out
 
 
-def _plain(tree: Any) -> dict:
-    import flax
-
-    return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else dict(tree)
-
-
 def template_of(module, image_shape: tuple, cond: Optional[Mapping[str, Any]] = None) -> dict:
     """'/'-joined param path -> ShapeDtypeStruct of ``module`` at ``image_shape`` (nothing is computed)."""
     import jax
@@ -242,7 +265,7 @@ def template_of(module, image_shape: tuple, cond: Optional[Mapping[str, Any]] = 
     from jdiff.train import network
 
     shapes = jax.eval_shape(lambda k: network.init_params(module, image_shape, k, cond=cond), jax.random.key(0))
-    return traverse_util.flatten_dict(_plain(shapes), sep="/")
+    return flat_params(shapes)
 
 
 def write_workdir(imported: Imported, workdir: str, data: Optional[Mapping[str, Any]] = None) -> str:
@@ -278,11 +301,7 @@ def write_workdir(imported: Imported, workdir: str, data: Optional[Mapping[str, 
         config.data[k] = v
     config.data.image_shape = tuple(int(s) for s in imported.image_shape)
     config.eval.evaluator = ""
-    module = imported.module()
-    template = template_of(module, imported.image_shape)
-    flat = traverse_util.flatten_dict(imported.params, sep="/")
-    if set(flat) != set(template) or any(tuple(flat[p].shape) != tuple(template[p].shape) for p in flat):
-        raise ConversionError("params: they do not match the network the config builds (nothing was written)")
+    check_params(imported.params, template_of(imported.module(), imported.image_shape), "the network the config builds")
     params = jax.tree.map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), imported.params)
     state = create_train_state(params, make_optimizer(config.optim), jax.random.key(config.seed))
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)

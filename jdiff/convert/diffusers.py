@@ -32,14 +32,13 @@ import re
 import warnings
 from typing import Any, Mapping, Optional
 
-import numpy as np
-
 from jdiff.convert.common import (
     INSTALL_HINT,
     ConversionError,
     Imported,
     Rule,
     apply_rules,
+    check_params,
     conv,
     copy,
     export_rules,
@@ -58,9 +57,18 @@ __all__ = [
     "unet_rules",
     "read_folder",
     "WEIGHT_FILES",
+    "DDPM_CIFAR10_32",
 ]
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+#: The UNet2DModel config of google/ddpm-cifar10-32 (Ho et al. 2020's CIFAR-10 network, 35.7M
+#: parameters): attention at 16x16 only, one head, TF-style downsampling pads, DDPM's embedding.
+DDPM_CIFAR10_32 = dict(
+    sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None,
+    norm_num_groups=32, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
+    mid_block_scale_factor=1, center_input_sample=False, time_embedding_type="positional", act_fn="silu")
 _DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 _UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 # UNet2DModel's config fields and the values jdiff can run (None: any value is handled below).
@@ -466,13 +474,7 @@ def to_diffusers(out_dir: str, fields: Mapping[str, Any], params: Any, image_sha
     unet_config = diffusers_unet_config(fields, image_shape)
     sched = scheduler_config(diffusion or {"schedule": "linear"}, sample)
     template = template_of(UNet(**dict(fields)), tuple(image_shape))
-    flat_shapes = {p: tuple(s.shape) for p, s in template.items()}
-    from flax import traverse_util
-
-    got = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(_plain(params), sep="/").items()}
-    if got != flat_shapes:
-        wrong = sorted(set(got) ^ set(flat_shapes)) or sorted(p for p in got if got[p] != flat_shapes[p])
-        raise ConversionError(f"params: they do not match the UNet of these fields (first differences: {wrong[:6]})")
+    check_params(params, template, "the UNet of these fields")
     state = export_rules(params, unet_rules(template, len(unet_config["block_out_channels"])))
     os.makedirs(os.path.join(out_dir, "unet"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
@@ -485,9 +487,3 @@ def to_diffusers(out_dir: str, fields: Mapping[str, Any], params: Any, image_sha
         json.dump({"_class_name": "DDPMPipeline", "_diffusers_version": _DIFFUSERS_VERSION,
                    "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}, f, indent=2)
     return out_dir
-
-
-def _plain(tree: Any) -> dict:
-    import flax
-
-    return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else dict(tree)

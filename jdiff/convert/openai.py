@@ -71,6 +71,7 @@ from jdiff.convert.common import (
     copy,
     linear,
     read_state_dict,
+    state_arrays,
     template_of,
 )
 
@@ -673,15 +674,7 @@ def _state_from(checkpoint: Any) -> tuple[dict[str, np.ndarray], str]:
     if not isinstance(checkpoint, Mapping):
         raise ConversionError(f"checkpoint: expected a file path or a state dict (name -> tensor), "
                               f"got {type(checkpoint).__name__}")
-    state = {}
-    for k, v in checkpoint.items():
-        if hasattr(v, "detach"):  # a torch tensor (torch itself is not imported here)
-            v = v.detach().cpu().float().numpy()
-        try:
-            state[str(k)] = np.asarray(v, np.float32)
-        except (TypeError, ValueError):
-            raise ConversionError(f"checkpoint: entry {k!r} is a {type(v).__name__}, expected a tensor") from None
-    return state, "state dict"
+    return state_arrays(checkpoint, "checkpoint"), "state dict"
 
 
 def from_openai(checkpoint: Union[str, os.PathLike, Mapping[str, Any]], flags: FlagsLike = None, kind: str = "model",

@@ -7,6 +7,7 @@ swish -> attention pooling (ADM's "attention" pool) or spatial mean -> Dense ("m
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -89,15 +90,9 @@ class NoiseAwareClassifier(nn.Module):
                 f"cond['label']: given (shape {np.shape(cond['label'])}) but a classifier predicts the label; "
                 "pass the labels to the loss or to log_prob_fn instead"
             )
-        trunk = {
-            k: getattr(self, k)
-            for k in ("base_channels", "channel_mult", "num_res_blocks", "attention_resolutions", "num_heads",
-                      "dropout", "resblock_updown", "conv_resample", "scale_shift_norm", "mid_attention",
-                      "image_channels", "context_dim", "aug_level_embedding",
-                      "time_embedding", "fourier_scale", "fourier_seed", "dtype", "num_head_channels",
-                      "norm_num_groups", "norm_eps", "downsample_padding", "flip_sin_to_cos", "freq_shift",
-                      "time_scale")
-        }
+        # Every trunk field of the encoder but its class embedding (num_classes is this module's outputs).
+        trunk = {f.name: getattr(self, f.name) for f in dataclasses.fields(UNetEncoder)
+                 if f.init and f.name not in ("parent", "name", "num_classes")}
         h = UNetEncoder(**trunk, name="encoder")(x, t, cond, train=train).h
         h = nn.swish(group_norm(h.shape[-1], self.dtype, "norm_out", self.norm_num_groups, self.norm_eps)(h))
         if self.pool == "attention":
