@@ -13,6 +13,9 @@ its configuration uses and rejects the others, so a typo or a stray input fails 
   ``"control"``       ``[B, H, W, Cc]`` a ControlNet's control image (Zhang et al. 2023); null zeros.
   ``"aug_level"``     ``[B]`` float noise-augmentation level of a cascaded model's low-resolution
                       input, embedded like ``t`` (Ho et al. 2022, CDM sec. 4); never dropped.
+  ``"tokens"``        ``[B, L]`` int token ids of a caption, 0 = padding, read by a network with
+                      its own text encoder (GLIDE, Nichol et al. 2022; LDM); null all 0 (the
+                      empty caption, every position padding).
 
 :func:`check` validates shapes (static, so it runs while tracing, before anything compiles);
 :func:`null` gives the unconditional input; :func:`drop` replaces the conditioning of chosen
@@ -30,10 +33,10 @@ import numpy as np
 
 __all__ = ["KINDS", "RANKS", "DROPPABLE", "check", "null", "drop"]
 
-KINDS = ("label", "image", "context", "context_mask", "control", "aug_level")
+KINDS = ("label", "image", "context", "context_mask", "control", "aug_level", "tokens")
 
 # Rank and layout of each kind, batch first.
-RANKS = {"label": 1, "image": 4, "context": 3, "context_mask": 2, "control": 4, "aug_level": 1}
+RANKS = {"label": 1, "image": 4, "context": 3, "context_mask": 2, "control": 4, "aug_level": 1, "tokens": 2}
 _LAYOUTS = {
     "label": "[B] int",
     "image": "[B, H, W, Ci]",
@@ -41,12 +44,13 @@ _LAYOUTS = {
     "context_mask": "[B, L] bool",
     "control": "[B, H, W, Cc]",
     "aug_level": "[B]",
+    "tokens": "[B, L] int",
 }
 
 # Keys that have a null value distinct from the input ("image" and "aug_level" are kept as is:
 # a super-resolution model without its low-resolution image, or with a wrong augmentation level,
 # is not an unconditional model).
-DROPPABLE = ("label", "context", "context_mask", "control")
+DROPPABLE = ("label", "context", "context_mask", "control", "tokens")
 
 Cond = Mapping[str, Any]
 
@@ -79,8 +83,9 @@ def check(cond: Cond, batch: int, name: str = "cond") -> None:
             raise ValueError(
                 f"{name}[{k!r}]: expected shape {_LAYOUTS[k]} with B = {batch} (rank {RANKS[k]}), got shape {shape}"
             )
-    if "label" in cond and not np.issubdtype(_dtype(cond["label"]), np.integer):
-        raise ValueError(f"{name}['label']: expected an int array, got dtype {_dtype(cond['label'])}")
+    for k in ("label", "tokens"):
+        if k in cond and not np.issubdtype(_dtype(cond[k]), np.integer):
+            raise ValueError(f"{name}[{k!r}]: expected an int array, got dtype {_dtype(cond[k])}")
     if "context_mask" in cond:
         mask = cond["context_mask"]
         if _dtype(mask) != np.bool_:
@@ -118,7 +123,7 @@ def null(cond: Cond, num_classes: Optional[int] = None) -> dict:
     """The unconditional counterpart of ``cond``: a dict with the same keys and shapes.
 
     label -> ``num_classes`` (the null class), context -> zeros, context_mask -> all False,
-    control -> zeros; image and aug_level are kept as they are. A ``cond`` with context but no
+    control -> zeros, tokens -> all 0 (padding: the empty caption); image and aug_level are kept as they are. A ``cond`` with context but no
     mask gets an explicit all-False ``context_mask`` (zero tokens that are visible would not be
     the null input). ``num_classes`` is required iff ``cond`` has a label.
 

@@ -27,7 +27,7 @@ __all__ = ["balanced_labels", "generate", "model_fn_for", "null_cond_for"]
 # per example by guidance.classifier_free); "label" is the module's num_classes. A ControlNet's
 # control image is not among them: it steers both halves (the ControlNet paper's default, Zhang
 # et al. 2023; the train step never drops it either).
-_NULL_VALUES = {"context": 0.0, "context_mask": False}
+_NULL_VALUES = {"context": 0.0, "context_mask": False, "tokens": 0}
 
 
 def balanced_labels(num: int, num_classes: int) -> np.ndarray:
@@ -98,6 +98,8 @@ def model_fn_for(module, params, labels=None, guidance_weight: float = 0.0, *, c
     if not cond:
         fn = jax.tree_util.Partial(_apply_without_cond, module, params)
         return fn if sigma_data is None else edm.precondition(fn, sigma_data)
+    if "context" in cond and "context_mask" not in cond:  # every token real; the null has them all masked
+        cond["context_mask"] = jnp.ones(np.shape(cond["context"])[:2], bool)
     for k, v in cond.items():
         if not isinstance(v, jax.Array):
             cond[k] = jnp.asarray(v, jnp.int32 if k == "label" else None)
@@ -145,6 +147,9 @@ def generate(
     classifier: tuple[Any, Any] | None = None,
     classifier_scale: float = 0.0,
     classifier_labels: np.ndarray | None = None,
+    clip_model: tuple[Any, Any] | None = None,
+    clip_scale: float = 0.0,
+    clip_tokens: np.ndarray | None = None,
 ) -> np.ndarray:
     """``num`` samples [num, H, W, C], in batches of ``batch_size``, each batch split over the data
     axis of ``mesh`` (default: all devices of all processes).
@@ -167,6 +172,12 @@ def generate(
     :mod:`jdiff.convert`) guiding every step towards ``classifier_labels`` [num] with scale
     ``classifier_scale`` s: eps - s sigma_t grad log p(y | x_t) (:func:`jdiff.guidance.classifier`,
     Dhariwal & Nichol 2021 Algorithm 2); with classifier-free guidance too, it guides the CFG output.
+    ``clip_model``: ``(module, params)`` of a noised :class:`~jdiff.models.CLIP` (``launch.train_clip
+    --noised``, same image size and schedule) guiding every step towards the captions
+    ``clip_tokens`` [num, L] int (0 = padding) with scale ``clip_scale`` s: GLIDE's CLIP guidance
+    (Nichol et al. 2022, sec. 2.5), eps - s sigma_t grad_x (tau f(x_t, t) . g(c)) with f, g the
+    unit image and text embeddings and tau CLIP's logit scale (:func:`jdiff.guidance.energy`);
+    it composes with classifier-free guidance (it guides the CFG output).
     x_T ~ N(0, prior_std^2 I) at the process's noise end (sigma_max for EDM, 1 otherwise).
     Every process gets the whole array.
     """
@@ -217,6 +228,23 @@ def generate(
         classifier_labels = classifier_labels.astype(np.int32)
     elif classifier_labels is not None or classifier_scale:
         raise ValueError("classifier_labels, classifier_scale: given without a classifier")
+    if clip_model is not None:
+        if not (isinstance(clip_model, tuple) and len(clip_model) == 2):
+            raise ValueError(f"clip_model: expected (module, params) of a CLIP, got {type(clip_model).__name__}")
+        L = getattr(clip_model[0], "max_length", None)
+        if clip_tokens is None or np.ndim(clip_tokens) != 2 or np.shape(clip_tokens)[0] != num or np.shape(clip_tokens)[1] > L:
+            raise ValueError(f"clip_tokens: expected [{num}, L <= {L}] token ids (the captions to guide towards), got "
+                             f"{None if clip_tokens is None else np.shape(clip_tokens)}")
+        clip_tokens = np.asarray(clip_tokens)
+        if (not np.issubdtype(clip_tokens.dtype, np.integer) or clip_tokens.min() < 0
+                or clip_tokens.max() >= clip_model[0].vocab_size or not (clip_tokens != 0).any(axis=1).all()):
+            raise ValueError(f"clip_tokens: expected ids in [0, {clip_model[0].vocab_size}) with at least one real "
+                             f"(non-zero) token per caption, got range [{clip_tokens.min()}, {clip_tokens.max()}]")
+        if not (isinstance(clip_scale, (int, float, np.integer, np.floating)) and np.isfinite(clip_scale) and clip_scale >= 0):
+            raise ValueError(f"clip_scale: expected a finite scale >= 0, got {clip_scale!r}")
+        clip_tokens = clip_tokens.astype(np.int32)
+    elif clip_tokens is not None or clip_scale:
+        raise ValueError("clip_tokens, clip_scale: given without a clip_model")
     mesh = parallel.make_mesh() if mesh is None else mesh
     batch_size = min(batch_size, num)
     devices = parallel.data_axis_size(mesh)
@@ -242,6 +270,11 @@ def generate(
             log_prob = jax.tree_util.Partial(_classifier_log_prob, classifier[0], classifier[1])
             fn = guidance.with_label(guidance.classifier(fn, log_prob, classifier_scale, schedule, variance=variance,
                                                          parameterization=parameterization), y)
+        if clip_model is not None:
+            tok = clip_tokens[start : start + batch_size]
+            tok = parallel.shard_params(np.pad(tok, [(0, padded - len(tok)), (0, 0)], mode="edge"), mesh)
+            similarity = jax.tree_util.Partial(_clip_similarity, clip_model[0], clip_model[1], tok)
+            fn = guidance.energy(fn, similarity, clip_scale, schedule, variance=variance, parameterization=parameterization)
         kwargs = dict(method=method, steps=steps, timesteps=timesteps, eta=eta, clip=clip, variance=variance, parameterization=parameterization)
         if b == 0:  # checked (the network's output shape too) before the first key or x_T, which compile
             samplers._prepare(fn, schedule, (padded,) + image_shape, **kwargs)
@@ -260,6 +293,11 @@ def _classifier_log_prob(module, params, x, t, y):
     """log p(y | x_t) [B] of a noise-aware classifier (its logits' log-softmax at y)."""
     logits = module.apply({"params": params}, x, t)
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[:, None], axis=-1)[:, 0]
+
+
+def _clip_similarity(module, params, tokens, x, t):
+    """tau f(x_t, t) . g(c) [B]: a CLIP's logit between noised images and their captions."""
+    return module.apply({"params": params}, x, t, tokens, tokens != 0, method=module.similarity)
 
 
 def _on_mesh(params, mesh: Mesh) -> bool:

@@ -9,6 +9,8 @@ python -m launch.sample --workdir workdirs/digits_inpaint --num 16 --out fill.pn
 python -m launch.sample --workdir workdirs/fm_base14 --sr_workdir workdirs/fm_sr --aug_level 0.1 --label 3 --num 64 --out x.png
 python -m launch.sample --workdir workdirs/fm_sr --low_res img14.png --out up.png
 python -m launch.sample --workdir workdirs/adm64 --classifier_workdir workdirs/adm64_clf --classifier_scale 1 --label 207 --out x.png
+python -m launch.sample --workdir workdirs/shapes_text --prompt "a large red disc at the top left" --guidance 3 --out x.png
+python -m launch.sample --workdir workdirs/unclip_decoder --prior_workdir workdirs/unclip_prior --prompt "a red disc at the top left" --out x.png
 
 Cascades (jdiff.cascade; Ho et al. 2022, CDM): --workdir is the base stage and each --sr_workdir
 a super-resolution stage (a workdir trained with data.transform='super_resolution', e.g.
@@ -29,6 +31,19 @@ a noise-aware classifier: a launch.train_classifier workdir or an OpenAI classif
 launch.convert --kind classifier. It must see the model's image size and noise schedule; with a
 class-conditional model the labels are the model's too (and --guidance adds classifier-free
 guidance on top), with an unconditional one they are the classifier's alone.
+
+Text to image (GLIDE / LDM; jdiff.models.TextUNet): --prompt "..." (repeat for several; they
+cycle over the samples) in the vocabulary of the model's dataset; --guidance w is classifier-free
+guidance against the empty caption. --clip_workdir C --clip_guidance s adds GLIDE's CLIP guidance
+with a noised CLIP (launch.train_clip --noised) of the same image size and schedule; it also
+steers a model without text conditioning. An empty prompt, an unknown word, a prompt longer
+than the tokenizer allows, or a prompt for a model that cannot read it is an error before
+anything is loaded.
+
+unCLIP (Ramesh et al. 2022; jdiff.unclip): --workdir DECODER --prior_workdir PRIOR --prompt "..."
+maps the caption to a CLIP text embedding, samples an image embedding with the prior
+(--prior_guidance, default its config's) and the image with the decoder (--guidance); both
+stages use their configs' samplers and must embed with the same CLIP.
 
 --adapter FILE samples an adaptation (the adapter.msgpack launch.train / launch.finetune write in a
 LoRA, ControlNet or DreamBooth workdir: its trained params alone) on the base model --workdir.
@@ -75,8 +90,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jdiff import images, parallel, samplers
+from jdiff import images, latent, parallel, samplers
+from jdiff.data import captions
 from jdiff.inference import balanced_labels, generate
+from jdiff.train import clip as clip_lib
 from jdiff.train import config as config_lib
 from jdiff.train import network
 from jdiff.workdir import load_for_sampling
@@ -124,6 +141,15 @@ _CONTROL_WORKDIR = flags.DEFINE_multi_string("control_workdir", None, "More Cont
 _ADAPTER = flags.DEFINE_string("adapter", None, "An adapter file (adapter.msgpack of a LoRA / ControlNet / DreamBooth "
                                 "workdir): sample it on the base --workdir.")
 _GUIDANCE = flags.DEFINE_float("guidance", 0.0, "Classifier-free guidance weight w >= 0.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "A text model's caption (repeat for more; they cycle over the "
+                                    "samples), in the vocabulary of its dataset (jdiff.data.captions).")
+_CLIP_WORKDIR = flags.DEFINE_string("clip_workdir", None, "CLIP guidance (GLIDE, Nichol et al. 2022): a noised CLIP "
+                                    "workdir (launch.train_clip --noised) of the model's image size and schedule.")
+_PRIOR_WORKDIR = flags.DEFINE_string("prior_workdir", None, "unCLIP (Ramesh et al. 2022): the prior's workdir "
+                                     "(configs/shapes_unclip_prior.py), with the decoder's as --workdir and --prompt.")
+_PRIOR_GUIDANCE = flags.DEFINE_float("prior_guidance", None, "unCLIP: the prior's classifier-free guidance weight "
+                                     "(default: its config's); --guidance is the decoder's.")
+_CLIP_GUIDANCE = flags.DEFINE_float("clip_guidance", None, "CLIP guidance scale s > 0 (with --clip_workdir and --prompt).")
 _CLASSIFIER_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Classifier guidance (Dhariwal & Nichol 2021): a "
                                           "noise-aware classifier's workdir (launch.train_classifier, or an OpenAI "
                                           "classifier imported with launch.convert --kind classifier).")
@@ -495,8 +521,17 @@ def main(argv):
             raise app.UsageError(f"--{e}") from None
         if _CONTROL_WORKDIR.value:
             raise app.UsageError("--control_workdir: not with --adapter (compose ControlNet workdirs)")
+    role = cfg.data.get("clip_embeddings", "")
+    if role == "prior":
+        raise app.UsageError("--workdir: this is unCLIP's prior (it samples CLIP embeddings, not images); pass the "
+                             "decoder's workdir as --workdir and this one as --prior_workdir")
+    if role == "decoder" or _PRIOR_WORKDIR.value:
+        _run_unclip(cfg)
+        return
     model = network.build_model(cfg)
     num_classes = getattr(model, "num_classes", None)
+    tokens = _prompt_tokens(cfg, model)
+    clip_request = _check_clip_flags(cfg, model, tokens)
     classifier_request = _check_classifier_flags(cfg)
     edit = _check_edit_flags(cfg, model)
     _check_sampler_flags(cfg, edit)
@@ -529,8 +564,10 @@ def main(argv):
         labels = np.full((_NUM.value,), num_classes, np.int32)  # edits complete the image, not a class
     elif num_classes is not None:
         labels = balanced_labels(_NUM.value, num_classes)
-    elif g:
-        raise app.UsageError("--guidance: classifier-free guidance needs a class-conditional model")
+    elif g and not network.text_length(model):
+        raise app.UsageError("--guidance: classifier-free guidance needs a class- or text-conditional model")
+    if tokens is not None and (edit is not None or _SR_WORKDIR.value or _LOW_RES.value or _CONTROL.value):
+        raise app.UsageError("--prompt: not combined with editing, cascade or control flags")
     cascade_request = None
     if _SR_WORKDIR.value or _LOW_RES.value:
         cascade_request = _check_cascade_flags(cfg, model)
@@ -566,6 +603,8 @@ def main(argv):
         loaded = load_for_sampling(_WORKDIR.value, mesh)
     model = loaded.model
     cond = {} if cond_image is None else {"image": resize_cond_image(cond_image, _NUM.value, loaded.image_shape)}
+    if tokens is not None and network.text_length(model):
+        cond["tokens"] = tokens
     from jdiff.models.lora import merged
 
     model, params = merged(model, loaded.params)  # LoRA factors merged into the kernels: the base's cost
@@ -596,10 +635,147 @@ def main(argv):
             method=method, steps=steps, eta=eta, clip=s.clip or None,
             variance=cfg.diffusion.variance, parameterization=cfg.diffusion.parameterization, mesh=mesh,
             sigma_data=config_lib.sigma_data_of(cfg), **_classifier_kwargs(classifier_request, mesh),
+            **_clip_kwargs(clip_request, tokens),
         )
     if inpaint:
         x = np.asarray(editing.paste_known(x, image, mask))  # the known pixels exactly
+    x = latent.decode_samples(cfg.data, x)  # latent diffusion: back to pixels
     _write(x, labels, num_classes, loaded.step)
+
+
+def _stage(loaded, guidance: float):
+    from jdiff.unclip import StageSettings
+
+    cfg = loaded.config
+    s = cfg.sample
+    return StageSettings(loaded.model, loaded.params, loaded.schedule, loaded.image_shape, s.method, s.steps, s.eta,
+                         s.clip or None, cfg.diffusion.variance, cfg.diffusion.parameterization, guidance)
+
+
+def _run_unclip(cfg) -> None:
+    """--workdir DECODER --prior_workdir PRIOR --prompt ...: text -> prior -> decoder (jdiff.unclip)."""
+    if cfg.data.get("clip_embeddings", "") != "decoder":
+        raise app.UsageError(f"--prior_workdir: --workdir {_WORKDIR.value!r} is not unCLIP's decoder "
+                             f"(config.data.clip_embeddings={cfg.data.get('clip_embeddings', '')!r}); expected a workdir "
+                             "trained with configs/shapes_unclip_decoder.py")
+    if not _PRIOR_WORKDIR.value:
+        raise app.UsageError("--prior_workdir: this is unCLIP's decoder (conditioned on CLIP image embeddings); expected "
+                             "the prior's workdir, which maps --prompt to an embedding")
+    pcfg = common.load_workdir_config(_PRIOR_WORKDIR.value)
+    if pcfg.data.get("clip_embeddings", "") != "prior":
+        raise app.UsageError(f"--prior_workdir: {_PRIOR_WORKDIR.value!r} is not an unCLIP prior "
+                             f"(config.data.clip_embeddings={pcfg.data.get('clip_embeddings', '')!r})")
+    if os.path.abspath(pcfg.data.clip_workdir) != os.path.abspath(cfg.data.clip_workdir):
+        raise app.UsageError(f"--prior_workdir: the prior embeds with CLIP {pcfg.data.clip_workdir!r}, the decoder with "
+                             f"{cfg.data.clip_workdir!r}; expected one CLIP")
+    others = [f for f, v in (("--label", _LABEL.value), ("--cond_image", _COND_IMAGE.value), ("--sdedit", _SDEDIT.value),
+                             ("--repaint", _REPAINT.value), ("--inpaint", _INPAINT.value), ("--sr_workdir", _SR_WORKDIR.value),
+                             ("--control", _CONTROL.value), ("--classifier_workdir", _CLASSIFIER_WORKDIR.value),
+                             ("--clip_workdir", _CLIP_WORKDIR.value), ("--adapter", _ADAPTER.value)) if v]
+    if others:
+        raise app.UsageError(f"{others[0]}: not with unCLIP (--prior_workdir)")
+    if not _PROMPT.value:
+        raise app.UsageError("--prompt: unCLIP samples from a caption; expected --prompt")
+    try:
+        ids, _ = captions.tokenizer_of(cfg.data).encode(_PROMPT.value)
+    except ValueError as e:
+        raise app.UsageError(f"--prompt: {e}") from None
+    pg = pcfg.sample.guidance if _PRIOR_GUIDANCE.value is None else _PRIOR_GUIDANCE.value
+    if not np.isfinite(pg) or pg < 0:
+        raise app.UsageError(f"--prior_guidance: expected a finite weight >= 0, got {pg}")
+    if _METHOD.value or _STEPS.value is not None or _ETA.value is not None:
+        raise app.UsageError("--method / --steps / --eta: unCLIP uses each stage's config sampler")
+    from jdiff.unclip import unclip
+
+    common.configure_compilation_cache()
+    clip_module, clip_params, _ = clip_lib.load_clip(cfg.data.clip_workdir)
+    decoder = load_for_sampling(_WORKDIR.value)
+    prior = load_for_sampling(_PRIOR_WORKDIR.value)
+    x, _ = unclip(_stage(prior, pg), _stage(decoder, _GUIDANCE.value), clip_module, clip_params,
+                  np.resize(ids, (_NUM.value, ids.shape[1])), jax.random.key(_SEED.value),
+                  batch_size=_BATCH.value or cfg.sample.batch_size)
+    _write(x, None, None, decoder.step)
+
+
+def _prompt_tokens(cfg, model):
+    """--prompt as token ids [num, L] (cycled over the samples), checked against the model and its
+    dataset's vocabulary before anything is loaded; None without --prompt."""
+    L = network.text_length(model)
+    if not _PROMPT.value:
+        if L:
+            raise app.UsageError("--prompt: this is a text-conditioned model (config.model_name="
+                                 f"{cfg.model_name!r}); expected a caption, e.g. --prompt 'a red disc at the top left'")
+        return None
+    if not L and _CLIP_WORKDIR.value is None:
+        raise app.UsageError(f"--prompt: this model is not text-conditioned (config.model_name={cfg.model_name!r}); "
+                             "a prompt steers it only through CLIP guidance (--clip_workdir, --clip_guidance)")
+    try:
+        if L:
+            tokenizer = captions.tokenizer_of(cfg.data)
+        else:  # only the CLIP reads the prompt: its vocabulary (checked with the rest of the CLIP flags)
+            tokenizer = captions.Tokenizer(_clip_info().get("vocabulary") or captions.SHAPES_VOCABULARY)
+        ids, _ = tokenizer.encode(_PROMPT.value)
+    except ValueError as e:
+        raise app.UsageError(f"--prompt: {e}") from None
+    if L and ids.shape[1] > L:
+        raise app.UsageError(f"--prompt: the tokenizer's {ids.shape[1]} positions exceed the model's max_length {L}")
+    return np.resize(ids, (_NUM.value, ids.shape[1]))
+
+
+def _clip_info() -> dict:
+    """The clip.json of --clip_workdir ({} without one)."""
+    import json
+
+    path = os.path.join(_CLIP_WORKDIR.value or "", clip_lib.CLIP_CONFIG_FILE)
+    if not _CLIP_WORKDIR.value or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _check_clip_flags(cfg, model, tokens):
+    """The CLIP workdir of --clip_workdir (checked against the model's config), or None."""
+    if _CLIP_WORKDIR.value is None:
+        if _CLIP_GUIDANCE.value is not None:
+            raise app.UsageError("--clip_guidance: only with --clip_workdir")
+        return None
+    s = _CLIP_GUIDANCE.value
+    if s is None or not np.isfinite(s) or s <= 0:
+        raise app.UsageError(f"--clip_guidance: expected a finite scale > 0 with --clip_workdir, got {s}")
+    if tokens is None:
+        raise app.UsageError("--clip_workdir: CLIP guidance guides towards a caption; expected --prompt")
+    info = _clip_info()
+    if not info:
+        raise app.UsageError(f"--clip_workdir: {_CLIP_WORKDIR.value!r} has no {clip_lib.CLIP_CONFIG_FILE}; expected a "
+                             "workdir written by launch.train_clip --noised")
+    if not info["noised"]:
+        raise app.UsageError(f"--clip_workdir: {_CLIP_WORKDIR.value!r} was trained on clean images; CLIP guidance needs "
+                             "a noised CLIP (launch.train_clip --noised), whose gradients at x_t mean something")
+    shape = _image_shape(cfg)
+    if tuple(shape) != (info["resolution"], info["resolution"], 3):
+        raise app.UsageError(f"--clip_workdir: the CLIP sees {info['resolution']}x{info['resolution']} RGB images, the "
+                             f"model samples {tuple(shape)}")
+    from jdiff import schedules
+
+    mine = config_lib.make_schedule(cfg)
+    theirs = schedules.get(info["schedule"]["name"], info["schedule"]["num_timesteps"])
+    if not (hasattr(mine, "alphas_cumprod") and np.shape(mine.alphas_cumprod) == np.shape(theirs.alphas_cumprod)
+            and np.allclose(np.asarray(mine.alphas_cumprod), np.asarray(theirs.alphas_cumprod))):
+        raise app.UsageError(f"--clip_workdir: the CLIP was trained on the {info['schedule']['name']} schedule with "
+                             f"T={info['schedule']['num_timesteps']}, the model's is {cfg.diffusion.schedule} with "
+                             f"T={cfg.diffusion.num_timesteps}")
+    vocab = tuple(info["vocabulary"])
+    if network.text_length(model) and vocab != captions.tokenizer_of(cfg.data).vocabulary:
+        raise app.UsageError("--clip_workdir: the CLIP's vocabulary is not the model's dataset's")
+    return _CLIP_WORKDIR.value
+
+
+def _clip_kwargs(workdir, tokens) -> dict:
+    """generate()'s CLIP-guidance arguments, or none."""
+    if workdir is None:
+        return {}
+    module, params, _ = clip_lib.load_clip(workdir)
+    return dict(clip_model=(module, params), clip_scale=_CLIP_GUIDANCE.value, clip_tokens=tokens)
 
 
 def _check_classifier_flags(cfg):

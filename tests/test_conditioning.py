@@ -21,11 +21,12 @@ def full_cond(seed=0):
         "context_mask": np.array([[True, True, False], [True, False, False], [True, True, True], [False, False, False]]),
         "control": rng.standard_normal((B, 4, 4, 3)).astype(np.float32),
         "aug_level": np.array([0.0, 0.1, 0.5, 0.9], np.float32),
+        "tokens": np.array([[3, 4, 0], [5, 0, 0], [0, 0, 0], [1, 2, 3]], np.int32),
     }
 
 
 def test_kinds():
-    assert conditioning.KINDS == ("label", "image", "context", "context_mask", "control", "aug_level")
+    assert conditioning.KINDS == ("label", "image", "context", "context_mask", "control", "aug_level", "tokens")
     assert set(conditioning.DROPPABLE) <= set(conditioning.KINDS)
 
 
@@ -42,7 +43,7 @@ def test_check_accepts_valid_and_partial_conds():
     "cond, match",
     [
         ([1, 2], r"cond: expected a Mapping with keys from \('label', 'image', 'context', 'context_mask', 'control', "
-                 r"'aug_level'\), got list"),
+                 r"'aug_level', 'tokens'\), got list"),
         ({"labels": np.zeros((B,), np.int32)}, r"cond: unknown key\(s\) \['labels'\]; expected keys from \('label', "),
         ({"label": np.zeros((3,), np.int32)}, r"cond\['label'\]: expected shape \[B\] int with B = 4 \(rank 1\), got shape \(3,\)"),
         ({"label": np.int32(3)}, r"cond\['label'\]: expected shape \[B\] int .* got shape \(\)"),
@@ -80,6 +81,7 @@ def test_null_values_per_key():
     np.testing.assert_array_equal(out["context"], np.zeros_like(cond["context"]))
     np.testing.assert_array_equal(out["context_mask"], np.zeros((B, 3), bool))
     np.testing.assert_array_equal(out["control"], np.zeros_like(cond["control"]))
+    np.testing.assert_array_equal(out["tokens"], np.zeros_like(cond["tokens"]))  # every position padding
     # Not conditioning that classifier-free guidance removes: kept as they are.
     np.testing.assert_array_equal(out["image"], cond["image"])
     np.testing.assert_array_equal(out["aug_level"], cond["aug_level"])

@@ -625,7 +625,7 @@ def _shape_of(m, x, t, **kw):
         ("array cond", dict(cond=np.zeros((2, 8, 8, 1), np.float32)), r"cond: expected a Mapping with keys from"),
         ("unknown key", dict(cond={"labels": np.zeros((2,), np.int32)}),
          r"cond: unknown key\(s\) \['labels'\]; expected keys from \('label', 'image', 'context', 'context_mask', "
-         r"'control', 'aug_level'\)"),
+         r"'control', 'aug_level', 'tokens'\)"),
         ("control", dict(cond={"control": np.zeros((2, 8, 8, 3), np.float32)}),
          r"cond\['control'\]: given .* ControlNet wrapper consumes"),
         ("context", dict(cond={"context": np.zeros((2, 3, 4), np.float32)}), r"cond\['context'\]: given .*\(context_dim=None\)"),
@@ -869,7 +869,8 @@ def test_registry_builds_by_name_and_import_path():
     assert type(dense) is flax.linen.Dense and dense.features == 5
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['bogus'\]"):
         models.build("unet", {"bogus": 1})
-    with pytest.raises(ValueError, match=r"name: unknown model 'unett'; expected one of \['classifier', 'controlnet', 'lora', 'unet'"):
+    with pytest.raises(ValueError, match=r"name: unknown model 'unett'; expected one of \['classifier', 'controlnet', "
+                                         r"'embedding_prior', 'lora', 'text_unet', 'unet'"):
         models.build("unett", {})
     with pytest.raises(ValueError, match=r"cannot import module 'jdiff.no_such_module'"):
         models.build("jdiff.no_such_module:Net", {})

@@ -48,6 +48,8 @@ __all__ = [
     "SHAPES_VOCABULARY",
     "FASHION_MNIST_VOCABULARY",
     "MIN_RESOLUTION",
+    "CAPTIONED_DATASETS",
+    "tokenizer_of",
 ]
 
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
@@ -262,3 +264,21 @@ class Tokenizer:
         if (ids[mask] < 1).any() or (ids[mask] >= self.vocab_size).any():
             raise ValueError(f"ids: expected ids in [1, {self.vocab_size}) at unmasked positions")
         return [" ".join(self.vocabulary[i - 1] for i in row[m]) for row, m in zip(ids, mask)]
+
+
+# Datasets whose examples carry captions, and the vocabulary of each (jdiff.data.get_dataset).
+CAPTIONED_DATASETS = {"captioned_shapes": SHAPES_VOCABULARY, "fashion_mnist": FASHION_MNIST_VOCABULARY,
+                      "fashion_mnist_sample": FASHION_MNIST_VOCABULARY}
+
+
+def tokenizer_of(data_config) -> Tokenizer:
+    """The tokenizer of a captioned data section (``name`` "captioned_shapes", or a Fashion-MNIST
+    set with ``captions=True``): its fixed vocabulary and ``caption_length`` (default 20)."""
+    if not hasattr(data_config, "get"):
+        raise ValueError(f"data_config: expected the data section as a dict or ConfigDict, got {type(data_config).__name__}")
+    name = data_config.get("name", None)
+    captioned = name == "captioned_shapes" or (name in CAPTIONED_DATASETS and data_config.get("captions", False))
+    if not captioned:
+        raise ValueError(f"data: dataset {name!r} (captions={data_config.get('captions', False)!r}) has no captions; "
+                         "expected name 'captioned_shapes', or 'fashion_mnist' with captions=True")
+    return Tokenizer(CAPTIONED_DATASETS[name], data_config.get("caption_length", None) or 20)

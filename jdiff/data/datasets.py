@@ -2,16 +2,19 @@
 
 Keys read from the section (a dict or ``ml_collections.ConfigDict``; other keys, such as
 the batch settings that :mod:`jdiff.data.pipeline` takes, are left alone):
-  name         "digits" | "shapes" | "fashion_mnist" | "fashion_mnist_sample" | any TFDS name
-               ("mnist", "cifar10", ...)   (required)
+  name         "digits" | "shapes" | "captioned_shapes" | "fashion_mnist" | "fashion_mnist_sample"
+               | any TFDS name ("mnist", "cifar10", ...)   (required)
   split        "train" | "test" for digits, shapes and fashion_mnist; any TFDS split string
                (default "train"); fashion_mnist_sample has one set of 300 images for both
-  resolution   shapes: image side (default 32); TFDS: crop-and-resize side (default None,
+  resolution   shapes, captioned_shapes: image side (default 32); TFDS: crop-and-resize side (default None,
                keep the stored size); digits: None or 8; fashion_mnist(_sample): None (28)
                or R <= 28, area-downsampled once at load (jdiff.data.fashion_mnist)
-  num_examples shapes: how many to generate (default 10,000 for train, 1,000 for test)
+  num_examples shapes, captioned_shapes: how many to generate (default 10,000 for train, 1,000 for test)
   seed         shapes: the generation seed (default 0); train and test use the independent
                streams [seed, 0] and [seed, 1]
+  max_objects  captioned_shapes: 1 or 2 objects per scene (default 2; jdiff.data.captions)
+  captions     fashion_mnist(_sample): add "tokens" (the class-name caption, "a dress")
+  caption_length captioned sets: the tokenizer's max_length L of "tokens" [N, L] (default 20)
   data_dir     fashion_mnist: the directory of its IDX files (default the Debian location
                /usr/share/datasets/fashion-mnist), else the TFDS data_dir of the fallback
   data_dir, image_key, label_key, download   TFDS, as in :func:`tfds_source`
@@ -19,6 +22,14 @@ the batch settings that :mod:`jdiff.data.pipeline` takes, are left alone):
                optionally "label" [N] int, "loss_weight" [N] float (per-example weights of
                the train step's loss) and "num_classes" (a scalar; default max label + 1);
                e.g. a DreamBooth set written by ``jdiff.adapt.dreambooth_arrays``
+  autoencoder  "" (pixels) or an autoencoder directory (launch.train_autoencoder): every image is
+               encoded once at load to scaled latents [N, H/f, W/f, c] (jdiff.latent), which the
+               model then trains on and samples (latent diffusion, Rombach et al. 2022)
+  clip_workdir, clip_embeddings   unCLIP (Ramesh et al. 2022): a CLIP workdir (launch.train_clip,
+               clean) and "decoder" (the source gains "context" [N, 1, D], each image's CLIP image
+               embedding, what unCLIP's decoder is conditioned on) or "prior" (the images become
+               their embeddings x sqrt(D) as [N, 1, 1, D], unit variance per component, and
+               "context" [N, 1, D] is the caption's CLIP text embedding); "" = neither
   control      "" (none) or a control kind of :mod:`jdiff.data.controls` ("canny", "mask"):
                the source gains "control" [N, H, W, 1], computed once at load from the images
                (ControlNet training pairs); control_kwargs are its keyword arguments
@@ -30,6 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jdiff.data import captions as captions_lib
 from jdiff.data import controls as controls_lib
 from jdiff.data import digits as digits_lib
 from jdiff.data import fashion_mnist as fashion_mnist_lib
@@ -38,10 +50,11 @@ from jdiff.data.tfds_source import UnknownDatasetError, tfds_source
 
 __all__ = ["Dataset", "get_dataset", "image_shape_of", "DATA_CONFIG_KEYS", "BUILTIN_DATASETS", "NO_DATASET"]
 
-BUILTIN_DATASETS = ("digits", "shapes", "fashion_mnist", "fashion_mnist_sample", "arrays")
+BUILTIN_DATASETS = ("digits", "shapes", "captioned_shapes", "fashion_mnist", "fashion_mnist_sample", "arrays")
 NO_DATASET = "none"  # an imported model's workdir: data.image_shape, no images
 DATA_CONFIG_KEYS = ("name", "split", "resolution", "num_examples", "seed", "data_dir", "image_key", "label_key", "download",
-                    "path", "control", "control_kwargs", "image_shape")
+                    "path", "control", "control_kwargs", "image_shape", "max_objects", "captions", "caption_length", "autoencoder", "clip_workdir",
+                    "clip_embeddings")
 _SHAPES_SPLITS = ("train", "test")
 _SHAPES_DEFAULT_NUM_EXAMPLES = {"train": 10_000, "test": 1_000}
 
@@ -77,6 +90,17 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
     if control and control not in controls_lib.CONTROL_KINDS:
         raise ValueError(f"control: expected '' or one of {controls_lib.CONTROL_KINDS}, got {control!r}")
     dataset = _get_dataset(config, split)
+    clip_role = config.get("clip_embeddings", "") or ""
+    if clip_role:
+        dataset = _with_clip(dataset, config.get("clip_workdir", "") or "", clip_role)
+    autoencoder = config.get("autoencoder", "") or ""
+    if autoencoder and clip_role:
+        raise ValueError(f"autoencoder: {autoencoder!r} with clip_embeddings={clip_role!r}; expected one of them")
+    if autoencoder:
+        if control:
+            raise ValueError(f"control: {control!r} with autoencoder {autoencoder!r}; a latent ControlNet is not supported, "
+                             "expected control=''")
+        dataset = _encoded(dataset, autoencoder)
     if not control:
         return dataset
     if not isinstance(dataset.source, dict):
@@ -85,6 +109,55 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
     source = dict(dataset.source)
     source["control"] = controls_lib.from_config(config, source["image"])
     return dataset._replace(source=source)
+
+
+CLIP_ROLES = ("decoder", "prior")
+
+
+def _with_clip(dataset: Dataset, directory: str, role: str) -> Dataset:
+    """unCLIP's data: ``dataset`` with CLIP embeddings (see the module docstring's clip_embeddings)."""
+    if role not in CLIP_ROLES:
+        raise ValueError(f"clip_embeddings: expected '' or one of {CLIP_ROLES}, got {role!r}")
+    if not directory:
+        raise ValueError(f"clip_workdir: clip_embeddings={role!r} needs a CLIP workdir (launch.train_clip), got ''")
+    if not isinstance(dataset.source, dict) or "tokens" not in dataset.source:
+        raise ValueError(f"clip_embeddings: {role!r} needs a captioned in-memory dataset ('captioned_shapes'), got "
+                         f"{dataset.name!r}")
+    from jdiff.train import clip as clip_lib
+
+    module, params, info = clip_lib.load_clip(directory)
+    if info["noised"]:
+        raise ValueError(f"clip_workdir: {directory!r} is a noised CLIP; unCLIP embeds clean images, expected a CLIP "
+                         "trained without --noised")
+    if tuple(dataset.image_shape) != (info["resolution"], info["resolution"], 3):
+        raise ValueError(f"clip_workdir: {directory!r} sees {info['resolution']}x{info['resolution']} RGB images, dataset "
+                         f"{dataset.name!r} has {tuple(dataset.image_shape)}")
+    source = dict(dataset.source)
+    images, tokens = source["image"], source["tokens"]
+    image_emb, text_emb = clip_lib.embed(module, params, images, np.zeros(len(images), np.int32), tokens, tokens != 0)
+    if role == "decoder":
+        source["context"] = image_emb[:, None, :].astype(np.float32)
+        return dataset._replace(source=source)
+    D = image_emb.shape[-1]
+    source["image"] = (image_emb * np.sqrt(D))[:, None, None, :].astype(np.float32)
+    source["context"] = text_emb[:, None, :].astype(np.float32)
+    return dataset._replace(source=source, image_shape=(1, 1, D))
+
+
+def _encoded(dataset: Dataset, directory: str) -> Dataset:
+    """``dataset`` with its images replaced by their latents (jdiff.latent.encode)."""
+    from jdiff import latent
+
+    if not isinstance(dataset.source, dict):
+        raise ValueError(f"autoencoder: latents are computed from in-memory arrays; dataset {dataset.name!r} is a TFDS "
+                         "source (convert it to an 'arrays' .npz first)")
+    module, params, info = latent.load_autoencoder(directory)
+    if tuple(info["image_shape"]) != tuple(dataset.image_shape):
+        raise ValueError(f"autoencoder: {directory!r} was trained on {tuple(info['image_shape'])} images, dataset "
+                         f"{dataset.name!r} has {tuple(dataset.image_shape)}")
+    source = dict(dataset.source)
+    source["image"] = latent.encode(module, params, source["image"], info["scale"])
+    return dataset._replace(source=source, image_shape=tuple(source["image"].shape[1:]))
 
 
 def image_shape_of(config: Any) -> tuple[int, int, int]:
@@ -161,21 +234,31 @@ def _get_dataset(config: Any, split: str | None) -> Dataset:
         else:
             images, labels = fashion_mnist_lib.load_fashion_mnist_sample(resolution)
         source = {"image": images, "label": labels}
+        if get("captions", False):
+            source["tokens"] = captions_lib.tokenizer_of(config).encode(captions_lib.fashion_mnist_captions(labels))[0]
         return Dataset(source, images.shape[1:], fashion_mnist_lib.FASHION_MNIST_NUM_CLASSES, name, split)
 
     if name == "arrays":
         source, num_classes = _load_arrays(get("path", None))
         return Dataset(source, tuple(source["image"].shape[1:]), num_classes, name, split)
 
-    if name == "shapes":
+    if name in ("shapes", "captioned_shapes"):
         if split not in _SHAPES_SPLITS:
-            raise ValueError(f"split: expected one of {_SHAPES_SPLITS} for the shapes dataset, got {split!r}")
+            raise ValueError(f"split: expected one of {_SHAPES_SPLITS} for the {name} dataset, got {split!r}")
         resolution = 32 if resolution is None else resolution
         num_examples = get("num_examples", None)
         num_examples = _SHAPES_DEFAULT_NUM_EXAMPLES[split] if num_examples is None else num_examples
         seed = get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed: expected a non-negative int for the shapes dataset, got {seed!r}")
+            raise ValueError(f"seed: expected a non-negative int for the {name} dataset, got {seed!r}")
+        if name == "captioned_shapes":
+            if resolution < captions_lib.MIN_RESOLUTION:
+                raise ValueError(f"resolution: expected at least {captions_lib.MIN_RESOLUTION} for captioned_shapes "
+                                 f"(a small triangle must cover pixel centres), got {resolution!r}")
+            scene = captions_lib.scenes(num_examples, [int(seed), _SHAPES_SPLITS.index(split)], get("max_objects", 2))
+            images, _ = captions_lib.render_scenes(scene, resolution)
+            tokens, _ = captions_lib.tokenizer_of(config).encode(captions_lib.captions(scene))
+            return Dataset({"image": images, "tokens": tokens}, (resolution, resolution, 3), None, name, split)
         images, labels, masks = shapes_lib.shapes(num_examples, resolution, [int(seed), _SHAPES_SPLITS.index(split)])
         source = {"image": images, "label": labels, "mask": masks}
         return Dataset(source, (resolution, resolution, 3), len(shapes_lib.SHAPE_NAMES), name, split)

@@ -1,6 +1,7 @@
 """Flax (linen) networks. They know nothing of diffusion: no schedules, only (x, t, cond)."""
 
-from jdiff.models import classifier, controlnet, layers, lora, registry, text, unet
+from jdiff.models import autoencoder, classifier, controlnet, layers, lora, prior, registry, text, unet
+from jdiff.models.autoencoder import Autoencoder
 from jdiff.models.classifier import NoiseAwareClassifier
 from jdiff.models.controlnet import ControlledUNet, ControlNet
 from jdiff.models.layers import (
@@ -15,7 +16,8 @@ from jdiff.models.layers import (
     sinusoidal_embedding,
 )
 from jdiff.models.lora import LoRA
-from jdiff.models.text import CLIP, TextEncoder
+from jdiff.models.prior import EmbeddingPrior
+from jdiff.models.text import CLIP, TextEncoder, TextUNet
 from jdiff.models.registry import MODELS, build, register, resolve
 from jdiff.models.unet import EncoderOutput, UNet, UNetDecoder, UNetEncoder, cifar10_ddpm_unet, module_from_config
 
@@ -30,6 +32,9 @@ __all__ = [
     "LoRA",
     "TextEncoder",
     "CLIP",
+    "TextUNet",
+    "Autoencoder",
+    "EmbeddingPrior",
     "cifar10_ddpm_unet",
     "module_from_config",
     "MODELS",

@@ -15,11 +15,16 @@ import flax.linen as nn
 
 from jdiff.models.classifier import NoiseAwareClassifier
 from jdiff.models.controlnet import ControlledUNet
+from jdiff.models.prior import EmbeddingPrior
+from jdiff.models.text import TextUNet
 from jdiff.models.unet import UNet, module_from_config
 
 __all__ = ["MODELS", "register", "resolve", "build"]
 
-MODELS: Dict[str, Type[nn.Module]] = {"unet": UNet, "classifier": NoiseAwareClassifier, "controlnet": ControlledUNet}
+MODELS: Dict[str, Type[nn.Module]] = {
+    "unet": UNet, "classifier": NoiseAwareClassifier, "controlnet": ControlledUNet, "text_unet": TextUNet,
+    "embedding_prior": EmbeddingPrior,
+}
 
 
 def _check_module_class(name: str, cls: Any) -> None:

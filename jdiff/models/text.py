@@ -14,21 +14,30 @@ The image tower is the noise-aware classifier's trunk (:class:`~jdiff.models.Noi
 with ``embed_dim`` outputs), so the same model is GLIDE's "noised CLIP" when it is trained on
 x_t with t as input (Nichol et al. 2022, sec. 2.3), and a plain CLIP when t is always 0. The
 networks know nothing of diffusion: the caller chooses t.
+
+:class:`TextUNet`: the diffusion U-Net with its own :class:`TextEncoder`, trained jointly from
+scratch as in GLIDE (Nichol et al. 2022, sec. 4) and LDM (Rombach et al. 2022, eq. 3, with
+tau_theta the text encoder). It reads ``cond["tokens"]`` ``[B, L]`` int (0 = padding) and feeds
+the encoder's token features to the U-Net's cross-attention with the padding mask, so the null
+caption of classifier-free guidance (all padding) is seen as "no tokens": only the learned null
+key/value answers. The same network serves pixel space and an autoencoder's latent space.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jdiff import conditioning
 from jdiff.models.classifier import NoiseAwareClassifier
+from jdiff.models.unet import UNet
 
-__all__ = ["TextEncoder", "CLIP"]
+__all__ = ["TextEncoder", "CLIP", "TextUNet"]
 
 
 def _positive_int(v) -> bool:
@@ -106,6 +115,7 @@ class CLIP(nn.Module):
     Methods (``module.apply(params, ..., method=...)``):
       ``encode_image(x [B, H, W, C], t [B])`` -> ``[B, embed_dim]``, unit norm;
       ``encode_text(ids [B, L], mask [B, L])`` -> ``[B, embed_dim]``, unit norm;
+      ``similarity(x, t, ids, mask)`` -> ``[B]`` logit_scale * image_emb . text_emb;
       ``__call__(x, t, ids, mask)`` -> ``(image_emb, text_emb, logit_scale)`` with
       ``logit_scale = exp(log_scale)`` (initialised to 1 / 0.07, CLIP's value) clipped at 100.
     """
@@ -138,5 +148,69 @@ class CLIP(nn.Module):
         e = self.text_proj(self.text(ids, mask)[1])
         return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6)
 
+    def logit_scale(self) -> jax.Array:
+        return jnp.minimum(jnp.exp(self.log_scale), 100.0)
+
+    def similarity(self, x: jax.Array, t: jax.Array, ids: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """``[B]`` logits of matching pairs: tau f(x, t) . g(ids) (GLIDE's CLIP guidance climbs it)."""
+        return self.logit_scale() * jnp.sum(self.encode_image(x, t) * self.encode_text(ids, mask), axis=-1)
+
     def __call__(self, x: jax.Array, t: jax.Array, ids: jax.Array, mask: Optional[jax.Array] = None) -> tuple[Any, Any, Any]:
-        return self.encode_image(x, t), self.encode_text(ids, mask), jnp.minimum(jnp.exp(self.log_scale), 100.0)
+        return self.encode_image(x, t), self.encode_text(ids, mask), self.logit_scale()
+
+
+class TextUNet(UNet):
+    """A :class:`~jdiff.models.UNet` conditioned on a caption through its own text encoder.
+
+    Fields: every UNet field (``attention_resolutions`` / ``mid_attention`` place the
+    cross-attention blocks; ``context_dim`` must stay None, it is ``text_width``), plus the
+    encoder's: ``vocab_size`` (required; ids in [0, vocab_size), 0 = padding), ``max_length``,
+    ``text_width``, ``text_layers``, ``text_heads``.
+
+    Call: ``x [B, H, W, C]``, ``t [B]``, ``cond`` with ``"tokens"`` ``[B, L]`` int, L <=
+    max_length (missing: the empty caption), and the other kinds a UNet reads (``"label"``,
+    ``"image"``, ...); ``"context"`` is refused (the encoder makes it). Context = the encoder's
+    ``[B, L, text_width]`` features, mask = ``tokens != 0``. Returns the U-Net's output.
+    Parameters: ``{"text": TextEncoder's, "unet": UNet's}``.
+    """
+
+    reads_tokens: ClassVar[bool] = True  # jdiff.train.network feeds it the batches' "tokens"
+
+    vocab_size: Optional[int] = None
+    max_length: int = 20
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+
+    def __post_init__(self):
+        if not _positive_int(self.vocab_size):
+            raise ValueError(f"vocab_size: expected the tokenizer's vocabulary size (a positive int), got {self.vocab_size!r}")
+        if self.context_dim is not None:
+            raise ValueError(f"context_dim: expected None (a TextUNet's context is its text encoder's text_width "
+                             f"{self.text_width} features), got {self.context_dim!r}")
+        if not self.attention_resolutions and not self.mid_attention:
+            raise ValueError("attention_resolutions, mid_attention: a TextUNet reads the caption through the "
+                             "cross-attention that follows self-attention blocks; expected at least one "
+                             "(got attention_resolutions=() and mid_attention=False)")
+        super().__post_init__()
+
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, cond: Optional[Any] = None, train: bool = False) -> jax.Array:
+        B = np.shape(x)[0] if np.ndim(x) else 0
+        cond = dict(cond or {})
+        conditioning.check(cond, B)
+        for k in ("context", "context_mask"):
+            if k in cond:
+                raise ValueError(f"cond[{k!r}]: given (shape {np.shape(cond[k])}) but a TextUNet makes its context from "
+                                 "cond['tokens'] with its own text encoder")
+        tokens = cond.pop("tokens", None)
+        if tokens is None:
+            tokens = jnp.zeros((B, 1), jnp.int32)  # the empty caption
+        encoder = TextEncoder(self.vocab_size, self.max_length, self.text_width, self.text_layers, self.text_heads,
+                              name="text")
+        context, _ = encoder(tokens, tokens != 0)
+        cond["context"], cond["context_mask"] = context, tokens != 0
+        fields = self._shared_fields(UNet)
+        fields["context_dim"] = self.text_width
+        return UNet(**fields, name="unet")(x, t, cond, train)

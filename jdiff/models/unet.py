@@ -267,6 +267,7 @@ class _UNetFields(nn.Module):
             if key in cond:
                 raise ValueError(f"cond[{key!r}]: given (shape {_shape(cond[key])}) but {why}")
 
+        unused("tokens", "a plain UNet has no text encoder: a TextUNet (model name 'text_unet') reads token ids")
         unused("control", "a plain UNet takes no control image: a ControlNet wrapper consumes cond['control'] "
                           "and feeds the U-Net skip_residuals / input_residual")
         if self.num_classes is None:

@@ -21,11 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jdiff import diffusion, schedules
+from jdiff import diffusion, module_files, schedules
 from jdiff.data import captions as cap
 from jdiff.models.text import CLIP
 
-__all__ = ["clip_loss", "train_clip", "retrieval_accuracy", "embed"]
+__all__ = ["clip_loss", "train_clip", "retrieval_accuracy", "embed", "save_clip", "load_clip", "CLIP_FILE", "CLIP_CONFIG_FILE"]
+
+CLIP_PREFIX = "clip"
+CLIP_FILE = CLIP_PREFIX + ".msgpack"  # a CLIP workdir: its params (flax msgpack)
+CLIP_CONFIG_FILE = CLIP_PREFIX + ".json"  # ... and what rebuilds the module and checks its use
 
 
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array) -> jax.Array:
@@ -110,3 +114,27 @@ def retrieval_accuracy(image_emb: np.ndarray, text_emb: np.ndarray, texts: list[
     i2t = (texts[sim.argmax(axis=1)] == texts).mean()
     t2i = (texts[sim.argmax(axis=0)] == texts).mean()
     return {"image_to_text": float(i2t), "text_to_image": float(t2i)}
+
+
+def save_clip(workdir: str, module: CLIP, params: Any, *, resolution: int, noised: bool,
+              schedule: Optional[dict] = None, vocabulary: tuple[str, ...] = cap.SHAPES_VOCABULARY,
+              metrics: Optional[dict] = None) -> str:
+    """Write a CLIP workdir: ``clip.msgpack`` (params) and ``clip.json`` (the module's fields, the
+    image resolution, whether it was trained on noised images and on which schedule
+    ``{"name", "num_timesteps"}``, the tokenizer's vocabulary, metrics). Returns the workdir."""
+    if noised and not (isinstance(schedule, dict) and set(schedule) == {"name", "num_timesteps"}):
+        raise ValueError(f"schedule: expected {{'name', 'num_timesteps'}} of a noised CLIP's schedule, got {schedule!r}")
+    info = {"resolution": int(resolution), "noised": bool(noised), "schedule": schedule if noised else None,
+            "vocabulary": list(vocabulary), "metrics": metrics or {}}
+    return module_files.save_module(workdir, CLIP_PREFIX, module, params, info)
+
+
+def _init(module: CLIP, resolution: int):
+    ids = jnp.ones((1, module.max_length), jnp.int32)
+    return module.init(jax.random.key(0), jnp.zeros((1, resolution, resolution, 3)), jnp.zeros((1,), jnp.int32), ids, ids > 0)
+
+
+def load_clip(workdir: str) -> tuple[CLIP, Any, dict]:
+    """``(module, params, info)`` of a CLIP workdir written by :func:`save_clip` (``launch.train_clip``)."""
+    return module_files.load_module(workdir, CLIP_PREFIX, CLIP, lambda m, info: _init(m, info["resolution"]),
+                                    "launch.train_clip")

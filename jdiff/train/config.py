@@ -45,6 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
     # "" none, "canny" (edges), "mask" (the shapes generator's object mask).
     c.data.control = ""
     c.data.control_kwargs = ml_collections.ConfigDict()  # e.g. sigma for "canny"
+    c.data.max_objects = 2  # captioned_shapes: 1 or 2 objects per scene
+    c.data.captions = False  # fashion_mnist(_sample): add class-name captions ("tokens")
+    c.data.caption_length = 20  # captioned data: tokens per caption (the tokenizer's max_length)
+    c.data.autoencoder = ""  # latent diffusion: an autoencoder directory (launch.train_autoencoder); "" = pixels
+    c.data.clip_workdir = ""  # unCLIP: a clean CLIP workdir (launch.train_clip) whose embeddings ...
+    c.data.clip_embeddings = ""  # ... condition a "decoder" or are the data of a "prior"; "" = neither
     c.data.path = ""  # data.name = "arrays": the .npz file (image, label, loss_weight)
     # (H, W, C) of the images when the workdir needs no dataset to know it: an imported model
     # (launch.convert writes data.name = "none" and this). (): read it off the dataset.
@@ -79,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.p_uncond = 0.0  # conditioning dropout for classifier-free guidance (Ho & Salimans 2022)
     # The conditioning kinds p_uncond drops to their null value (jdiff.conditioning.drop); an
     # image or aug_level has no null value and is never dropped.
-    c.diffusion.uncond_keys = ("label", "context", "context_mask")
+    c.diffusion.uncond_keys = ("label", "context", "context_mask", "tokens")
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adam"
@@ -124,7 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.steps = ml_collections.FieldReference(None, field_type=int)
     c.sample.eta = ml_collections.FieldReference(None, field_type=float)  # DDIM eta (None: the sampler's default)
     c.sample.guidance = 0.0  # classifier-free guidance weight w for class-conditional models
-    c.sample.clip = True  # clip predicted x_0 to [-1, 1]
+    # Clip predicted x_0: True = to [-1, 1], False = not, a float c = to [-c, c] (e.g. a latent
+    # model's range), "dynamic" = Imagen's dynamic thresholding (jdiff.samplers.sample's clip).
+    c.sample.clip = ml_collections.FieldReference(True, field_type=object)
     c.sample.batch_size = 256
     # A super-resolution stage's conditioning-augmentation level when it samples in a cascade, a
     # fraction of the schedule in [0, 1] (jdiff.cascade; launch.sample --aug_level overrides).

@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from jax.sharding import Mesh
 
 from jdiff import data as data_lib
 from jdiff import images as images_lib
-from jdiff import parallel, samplers
+from jdiff import latent, parallel, samplers
 from jdiff.evaluation import evaluators
 from jdiff.evaluation.workdir import evaluate_loaded
 from jdiff.inference import balanced_labels, generate
@@ -110,9 +111,14 @@ def _check_sampling(config: ml_collections.ConfigDict, model, dataset, schedule)
     elif s.steps is None or isinstance(s.steps, bool) or not isinstance(s.steps, int) or s.steps < 1:
         raise ValueError(f"config.sample.steps: expected a positive int for process={config.diffusion.process!r} "
                          f"(a continuous process has no default number of steps), got {s.steps!r}")
-    if s.guidance and not network.class_conditional(model):
-        raise ValueError(f"config.sample.guidance: {s.guidance} needs a class-conditional model (sample grids guide "
-                         "towards their labels), but config.model.num_classes is None; expected 0")
+    if config.data.get("autoencoder", "") and s.clip is True:
+        raise ValueError(f"config.sample.clip: True clips x_0 to [-1, 1], but the model samples latents "
+                         f"(config.data.autoencoder={config.data.autoencoder!r}) scaled to unit variance; expected False "
+                         "or a bound on the latents such as 4.0")
+    if s.guidance and not (network.class_conditional(model) or network.text_length(model)
+                           or getattr(model, "context_dim", None)):
+        raise ValueError(f"config.sample.guidance: {s.guidance} needs a conditional model (sample grids guide towards "
+                         "their labels, captions or context), but config.model.num_classes is None; expected 0")
     learned = config.diffusion.variance in ("learned", "learned_range")
     zeros = _zero_output_with_variance if learned else _zero_output
     try:
@@ -160,6 +166,7 @@ def _check_conditioning(config: ml_collections.ConfigDict, model, dataset, trans
     if config.data.get("control", "") and not cc:
         raise ValueError(f"config.data.control: {config.data.control!r} makes control images, but the model reads none "
                          f"(config.model_name={config.model_name!r}); expected '' or a ControlNet model ('controlnet')")
+    _check_captions(config, model, dataset)
     d = config.diffusion
     if d.p_uncond > 0:
         full = network.example_batch(model, dataset.image_shape, transform)["cond"]
@@ -169,6 +176,27 @@ def _check_conditioning(config: ml_collections.ConfigDict, model, dataset, trans
                 f"(config.diffusion.uncond_keys), but the model reads none of them (its conditioning: {sorted(full)}); "
                 "expected 0, or a conditional model (config.model.num_classes / context_dim)"
             )
+
+
+def _check_captions(config: ml_collections.ConfigDict, model, dataset) -> None:
+    """A text model needs a captioned dataset whose tokens fit its text encoder, and vice versa."""
+    L = network.text_length(model)
+    has_tokens = isinstance(dataset.source, Mapping) and "tokens" in dataset.source
+    if L and not has_tokens:
+        raise ValueError(f"config.data.name: the model reads captions (config.model_name={config.model_name!r}) but "
+                         f"dataset {config.data.name!r} has none; expected 'captioned_shapes', or a Fashion-MNIST set "
+                         "with config.data.captions=True")
+    if not L:
+        return
+    from jdiff.data import captions as captions_lib
+
+    tokenizer = captions_lib.tokenizer_of(config.data)
+    if tokenizer.max_length > model.max_length:
+        raise ValueError(f"config.model.max_length: {model.max_length} is shorter than the captions' "
+                         f"config.data.caption_length {tokenizer.max_length}")
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(f"config.model.vocab_size: {model.vocab_size} is smaller than dataset {config.data.name!r}'s "
+                         f"{tokenizer.vocab_size} token ids (padding included)")
 
 
 def validate_run(config: ml_collections.ConfigDict, model, dataset, schedule, transform=None) -> None:
@@ -456,6 +484,9 @@ def _sample_cond(config, model, dataset, num: int, key: jax.Array) -> tuple[dict
     images = np.asarray(batch["image"])
     labels = np.resize(np.asarray(batch["label"], np.int32), (num,)) if "label" in batch else None
     cond = network.conditioning_from_data(config, model, np.resize(images, (num,) + images.shape[1:]), None, key)
+    for k in ("tokens", "context"):  # the training captions / CLIP embeddings of those images
+        if k in batch and k in network.step_batch(batch, model)["cond"]:
+            cond[k] = np.resize(np.asarray(batch[k]), (num,) + batch[k].shape[1:])
     return cond, labels
 
 
@@ -477,6 +508,12 @@ def _write_samples(config, model, state: TrainState, schedule, dataset, key, pat
         eta=s.eta, clip=s.clip or None, variance=config.diffusion.variance, parameterization=config.diffusion.parameterization,
         mesh=mesh, sigma_data=config_lib.sigma_data_of(config),
     )
+    x = latent.decode_samples(config.data, x)  # latent diffusion: the grid shows pixels
+    if x.shape[1:3] == (1, 1):  # embeddings (unCLIP's prior): the raw vectors, not a picture
+        path = os.path.splitext(path)[0] + ".npz"
+        if jax.process_index() == 0:
+            np.savez(path, samples=x.reshape(len(x), -1))
+        return path
     ncols = s.num // num_classes if (by_class and s.num % num_classes == 0) else None
     return images_lib.save_grid(x, path, ncols=ncols) if jax.process_index() == 0 else path
 

@@ -48,14 +48,27 @@ def control_channels(module) -> int:
     return int(sum(getattr(module, "control_channels", ()) or ()))
 
 
+def text_length(module) -> int:
+    """The caption length L of the ``cond["tokens"]`` a module reads (a TextUNet's max_length), 0 for none."""
+    return int(module.max_length) if getattr(type(module), "reads_tokens", False) else 0
+
+
 def step_batch(data_batch: Mapping[str, Any], module) -> dict:
-    """A data batch ``{"image", "label"?, "control"?, "loss_weight"?, ...}`` -> the train step's
-    ``{"image", "cond", "loss_weight"?}``: labels become ``cond["label"]`` for a class-conditional
-    module and are dropped otherwise; control images become ``cond["control"]`` for a module
-    that reads one (a ControlNet); per-example loss weights pass through."""
+    """A data batch ``{"image", "label"?, "control"?, "tokens"?, "loss_weight"?, ...}`` -> the
+    train step's ``{"image", "cond", "loss_weight"?}``: labels become ``cond["label"]`` for a
+    class-conditional module and are dropped otherwise; control images become ``cond["control"]``
+    for a module that reads one (a ControlNet); caption token ids become ``cond["tokens"]`` for a
+    text-conditioned module; per-example loss weights pass through."""
     batch = {"image": data_batch["image"], "cond": {}}
     if "loss_weight" in data_batch:
         batch["loss_weight"] = data_batch["loss_weight"]
+    if getattr(module, "context_dim", None) and "context" in data_batch:  # e.g. unCLIP's CLIP embeddings
+        batch["cond"]["context"] = data_batch["context"]
+    if text_length(module):
+        if "tokens" not in data_batch:
+            raise ValueError("data: the model reads captions (a TextUNet) but the dataset has none; expected a "
+                             "captioned dataset such as config.data.name='captioned_shapes'")
+        batch["cond"]["tokens"] = data_batch["tokens"]
     if control_channels(module):
         if "control" not in data_batch:
             raise ValueError(f"data: the model reads a control image ({control_channels(module)} channels) but the "
@@ -88,6 +101,8 @@ def example_cond(module, image_shape: tuple[int, int, int], batch_size: int = 1)
         cond["aug_level"] = np.zeros((batch_size,), np.float32)
     if control_channels(module):
         cond["control"] = np.zeros((batch_size, h, w, control_channels(module)), np.float32)
+    if text_length(module):
+        cond["tokens"] = np.zeros((batch_size, text_length(module)), np.int32)
     return cond
 
 
@@ -99,6 +114,8 @@ def example_batch(module, image_shape: tuple[int, int, int], transform: Callable
     data = {"image": np.zeros((1,) + tuple(image_shape), np.float32), "label": np.zeros((1,), np.int32)}
     if control_channels(module):
         data["control"] = np.zeros((1,) + tuple(image_shape[:2]) + (control_channels(module),), np.float32)
+    if text_length(module):
+        data["tokens"] = np.zeros((1, text_length(module)), np.int32)
     batch = step_batch(data, module)
     if transform is not None:
         batch = transform(batch, jax.random.key(0))
@@ -175,6 +192,7 @@ def conditioning_from_data(config: ml_collections.ConfigDict, module, images: np
 
 
 def needs_data_conditioning(module) -> bool:
-    """Whether sampling the module needs conditioning other than a class label."""
+    """Whether sampling the module needs conditioning other than a class label (captions and
+    context too: a sample grid takes them from training examples)."""
     return (bool(getattr(module, "image_channels", 0)) or bool(getattr(module, "aug_level_embedding", False))
-            or bool(control_channels(module)))
+            or bool(control_channels(module)) or bool(text_length(module)) or bool(getattr(module, "context_dim", None)))

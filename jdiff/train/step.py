@@ -83,7 +83,7 @@ def make_train_step(
     o = config.optim
     if num_classes is None:
         num_classes = config.model.get("num_classes", None)
-    uncond_keys = tuple(d.get("uncond_keys", ("label", "context", "context_mask")))
+    uncond_keys = tuple(d.get("uncond_keys", ("label", "context", "context_mask", "tokens")))
     process = d.get("process", "vp")
     T = schedule.num_timesteps if process == "vp" else None
 
