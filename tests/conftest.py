@@ -35,8 +35,9 @@ jax.config.update("jax_enable_x64", False)
 #: test_train 182 s, test_reliability 165 s, test_bad_input 47 s, ...), so that no long file
 #: starts late and runs alone at the end (xdist's own order, by the number
 #: of tests in a file, is turned off in pytest_configure).
-LONGEST_FIRST = ("test_parallel.py", "test_train.py", "test_reliability.py", "test_bad_input.py",
-                 "test_classifier_training.py", "test_inpainting.py", "test_samplers.py", "test_models.py")
+LONGEST_FIRST = ("test_parallel.py", "test_train.py", "test_reliability.py", "test_unclip.py", "test_latent.py",
+                 "test_text_to_image.py", "test_bad_input.py", "test_classifier_training.py", "test_inpainting.py",
+                 "test_samplers.py", "test_models.py")
 
 
 def pytest_configure(config):
