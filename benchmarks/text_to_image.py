@@ -94,6 +94,17 @@ def clip_rows(steps: int) -> list[list]:
     return rows
 
 
+ACCURACY_COLUMNS = ("colour", "shape", "size", "position", "object", "caption")
+
+
+def _accuracy_row(name: str, judge, jparams, images, scene, *extra) -> list:
+    """``[name, accuracy per column..., *extra]`` of ``images`` judged against ``scene``, printed."""
+    acc = cj.caption_accuracy(cj.read_scenes(judge, jparams, images), scene)
+    r = [name] + [f"{acc[k]:.3f}" for k in ACCURACY_COLUMNS] + list(extra)
+    print("  ", r, flush=True)
+    return r
+
+
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -119,11 +130,8 @@ def sample_rows(workdir: str, clip_workdir: str, num: int, cfg_weights, clip_sca
                                          method=cmod.similarity))
 
     def row(name, images, rate):
-        acc = cj.caption_accuracy(cj.read_scenes(judge, jparams, images), scene)
-        r = [name] + [f"{acc[k]:.3f}" for k in ("colour", "shape", "size", "position", "object", "caption")]
-        r += [f"{float(np.mean(logit(images))):.1f}", "" if rate is None else f"{rate:.1f}"]
-        print("  ", r, flush=True)
-        return r
+        return _accuracy_row(name, judge, jparams, images, scene, f"{float(np.mean(logit(images))):.1f}",
+                             "" if rate is None else f"{rate:.1f}")
 
     real, _ = cap.render_scenes(scene, R)
     rows = [row("real images of the captions (judge ceiling)", real, None)]
@@ -177,23 +185,17 @@ def unclip_rows(decoder_workdir: str, prior_workdir: str, num: int, settings) ->
         x = generate(d.module, d.params, d.schedule, d.image_shape, num, jax.random.key(0),
                      cond={"context": true_emb[:, None, :]}, guidance_weight=dw, batch_size=num, method=d.method,
                      steps=d.steps, eta=d.eta, clip=d.clip, variance=d.variance, parameterization=d.parameterization)
-        acc = cj.caption_accuracy(cj.read_scenes(judge, jparams, x), scene)
-        r = [f"decoder alone, w = {dw:g}, given the true render's CLIP image embedding"] + [
-            f"{acc[k]:.3f}" for k in ("colour", "shape", "size", "position", "object", "caption")] + ["1", ""]
-        print("  ", r, flush=True)
-        rows.append(r)
+        rows.append(_accuracy_row(f"decoder alone, w = {dw:g}, given the true render's CLIP image embedding",
+                                  judge, jparams, x, scene, "1", ""))
     for pw, dw in settings:
         prior, decoder = stages[0]._replace(guidance=pw), stages[1]._replace(guidance=dw)
         unclip(prior, decoder, cmod, cparams, ids[:2], jax.random.key(1))
         t0 = time.perf_counter()
         x, emb = unclip(prior, decoder, cmod, cparams, ids, jax.random.key(0), batch_size=num)
         rate = num / (time.perf_counter() - t0)
-        acc = cj.caption_accuracy(cj.read_scenes(judge, jparams, x), scene)
         cos = float(np.mean(np.sum(emb * true_emb, axis=-1)))
-        r = [f"unCLIP, prior w = {pw:g}, decoder w = {dw:g}"] + [
-            f"{acc[k]:.3f}" for k in ("colour", "shape", "size", "position", "object", "caption")] + [f"{cos:.3f}", f"{rate:.1f}"]
-        print("  ", r, flush=True)
-        rows.append(r)
+        rows.append(_accuracy_row(f"unCLIP, prior w = {pw:g}, decoder w = {dw:g}", judge, jparams, x, scene,
+                                  f"{cos:.3f}", f"{rate:.1f}"))
     return rows
 
 

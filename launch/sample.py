@@ -722,6 +722,12 @@ def _prompt_tokens(cfg, model):
     return np.resize(ids, (_NUM.value, ids.shape[1]))
 
 
+def _same_schedule(mine, theirs) -> bool:
+    """Whether a guiding network (classifier, noised CLIP) saw the model's discrete noise levels."""
+    a, b = (np.asarray(getattr(s, "alphas_cumprod", ())) for s in (mine, theirs))
+    return a.size > 0 and a.shape == b.shape and np.allclose(a, b)
+
+
 def _clip_info() -> dict:
     """The clip.json of --clip_workdir ({} without one)."""
     import json
@@ -759,8 +765,7 @@ def _check_clip_flags(cfg, model, tokens):
 
     mine = config_lib.make_schedule(cfg)
     theirs = schedules.get(info["schedule"]["name"], info["schedule"]["num_timesteps"])
-    if not (hasattr(mine, "alphas_cumprod") and np.shape(mine.alphas_cumprod) == np.shape(theirs.alphas_cumprod)
-            and np.allclose(np.asarray(mine.alphas_cumprod), np.asarray(theirs.alphas_cumprod))):
+    if not _same_schedule(mine, theirs):
         raise app.UsageError(f"--clip_workdir: the CLIP was trained on the {info['schedule']['name']} schedule with "
                              f"T={info['schedule']['num_timesteps']}, the model's is {cfg.diffusion.schedule} with "
                              f"T={cfg.diffusion.num_timesteps}")
@@ -796,8 +801,7 @@ def _check_classifier_flags(cfg):
         raise app.UsageError(f"--classifier_workdir: the classifier sees {_image_shape(ccfg)} images, the model "
                              f"samples {_image_shape(cfg)}")
     mine, theirs = config_lib.make_schedule(cfg), config_lib.make_schedule(ccfg)
-    if not (hasattr(mine, "alphas_cumprod") and hasattr(theirs, "alphas_cumprod")
-            and np.allclose(np.asarray(mine.alphas_cumprod), np.asarray(theirs.alphas_cumprod))):
+    if not _same_schedule(mine, theirs):
         raise app.UsageError("--classifier_workdir: the classifier was trained on another noise schedule "
                              f"({ccfg.diffusion.schedule}, T={ccfg.diffusion.num_timesteps}) than the model's "
                              f"({cfg.diffusion.schedule}, T={cfg.diffusion.num_timesteps})")

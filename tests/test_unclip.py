@@ -23,18 +23,13 @@ from jdiff.train import config as config_lib
 from jdiff.train.loop import train_and_evaluate
 from jdiff.unclip import StageSettings, text_embeddings, unclip
 from jdiff.workdir import load_for_sampling
+from test_text_to_image import _randomized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 8
 CLIP_TINY = dict(embed_dim=D, text_width=16, text_layers=1, text_heads=2, image_channels_base=8,
                  image_channel_mult=(1, 2), image_res_blocks=1, image_attention_resolutions=(8,))
 DATA = {"name": "captioned_shapes", "resolution": 16, "num_examples": 64}
-
-
-def _randomized(params, seed: int, std: float = 0.2):
-    leaves, tree = jax.tree.flatten(params)
-    rng = np.random.default_rng(seed)
-    return jax.tree.unflatten(tree, [np.asarray(rng.normal(0, std, np.shape(p)), np.float32) for p in leaves])
 
 
 def _clip(directory: str, noised: bool = False):

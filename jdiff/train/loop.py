@@ -484,8 +484,9 @@ def _sample_cond(config, model, dataset, num: int, key: jax.Array) -> tuple[dict
     images = np.asarray(batch["image"])
     labels = np.resize(np.asarray(batch["label"], np.int32), (num,)) if "label" in batch else None
     cond = network.conditioning_from_data(config, model, np.resize(images, (num,) + images.shape[1:]), None, key)
+    fed = network.step_batch(batch, model)["cond"]
     for k in ("tokens", "context"):  # the training captions / CLIP embeddings of those images
-        if k in batch and k in network.step_batch(batch, model)["cond"]:
+        if k in fed:
             cond[k] = np.resize(np.asarray(batch[k]), (num,) + batch[k].shape[1:])
     return cond, labels
 
