@@ -64,7 +64,13 @@ __all__ = [
 ]
 
 AUG_MODES = ("non_truncated", "truncated")
+"""The conditioning-augmentation modes of :func:`cascade`'s ``aug_mode`` (CDM sec. 4):
+``non_truncated`` samples the lower stage to the data and noises its output to the SR stage's
+level; ``truncated`` stops the lower stage's reverse process at that level and hands over z_s itself."""
+
 UPSAMPLE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos3", "lanczos5")
+"""The ``jax.image.resize`` methods :func:`upsample` accepts: a :class:`Stage`'s
+``upsample_method`` and the ``super_resolution`` batch transform's ``method`` (SR3 and CDM use ``bicubic``)."""
 
 
 def _check_factor(factor: Any, name: str = "factor") -> int:
@@ -191,6 +197,7 @@ class Stage:
         return (h // self.factor, w // self.factor, c)
 
     def replace(self, **changes) -> "Stage":
+        """A copy of this stage with the fields in ``changes`` replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod

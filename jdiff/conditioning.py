@@ -34,9 +34,14 @@ import numpy as np
 __all__ = ["KINDS", "RANKS", "DROPPABLE", "check", "null", "drop"]
 
 KINDS = ("label", "image", "context", "context_mask", "control", "aug_level", "tokens")
+"""The conditioning keys a network may read (layouts and null values in the table above);
+:func:`check` rejects any other key."""
 
-# Rank and layout of each kind, batch first.
 RANKS = {"label": 1, "image": 4, "context": 3, "context_mask": 2, "control": 4, "aug_level": 1, "tokens": 2}
+"""The rank of each kind's array, batch first (``label`` ``[B]``: 1, ``image`` ``[B, H, W, Ci]``: 4, ...),
+checked by :func:`check`."""
+
+# The layout of each kind, batch first, for error messages.
 _LAYOUTS = {
     "label": "[B] int",
     "image": "[B, H, W, Ci]",
@@ -47,10 +52,10 @@ _LAYOUTS = {
     "tokens": "[B, L] int",
 }
 
-# Keys that have a null value distinct from the input ("image" and "aug_level" are kept as is:
-# a super-resolution model without its low-resolution image, or with a wrong augmentation level,
-# is not an unconditional model).
 DROPPABLE = ("label", "context", "context_mask", "control", "tokens")
+"""The keys :func:`drop` may replace: those with a null value distinct from the input. ``image``
+and ``aug_level`` are kept as they are: a super-resolution model without its low-resolution image,
+or with a wrong augmentation level, is not an unconditional model."""
 
 Cond = Mapping[str, Any]
 

@@ -39,12 +39,17 @@ __all__ = [
     "VARIANCE_TYPES",
 ]
 
-#: What a network may predict. The schedule-table conversions (``to_x0_eps``, ``p_mean_variance``)
-#: take the first four; "flow" (the rectified-flow velocity) needs alpha + sigma = 1 and is
-#: converted by :func:`x0_eps_from_output` from the process's (alpha, sigma).
 PARAMETERIZATIONS = ("eps", "x0", "v", "score", "flow")
+"""What a network may predict: ``eps``, ``x0``, ``v`` = alpha eps - sigma x_0 (Salimans & Ho 2022),
+``score`` = -eps / sigma, or ``flow``, the rectified-flow velocity eps - x_0. The schedule-table
+conversions (``to_x0_eps``, ``p_mean_variance``) take the first four; ``flow`` needs
+alpha + sigma = 1 and is converted by :func:`x0_eps_from_output` from the process's (alpha, sigma)."""
+
 SCHEDULE_PARAMETERIZATIONS = PARAMETERIZATIONS[:4]
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned")
+"""The reverse-step variances of :func:`p_mean_variance`: ``fixed_small`` (beta_tilde_t) and
+``fixed_large`` (beta_t) of DDPM, ``learned_range`` (the interpolation of improved DDPM, eq. 15;
+the network outputs 2C channels) and ``learned`` (the network's log-variance itself)."""
 
 
 def _is_concrete(x) -> bool:

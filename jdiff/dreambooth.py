@@ -21,7 +21,6 @@ The ``"arrays"`` dataset reads it; the ordinary train step trains on it (launch.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 

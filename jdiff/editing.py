@@ -235,6 +235,8 @@ def _inpaint_energy(model_fn, schedule, x_known, mask, parameterization, x_t, t)
 # Masks, and inpainting with a mask-conditioned model.
 
 MASK_KINDS = ("box", "stroke", "half", "border")
+"""The kinds of random inpainting mask :func:`mask` draws (``box``, ``stroke``, ``half``,
+``border``); the default ``kinds`` of :func:`random_masks` and of the ``inpaint`` batch transform."""
 
 
 def _box(key, h, w):

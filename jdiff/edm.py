@@ -20,6 +20,8 @@ __all__ = ["precondition", "preconditioning", "edm_sigmas", "edm_loss", "flow_ti
 
 Partial = jax.tree_util.Partial
 TIME_SAMPLERS = ("uniform", "logit_normal")
+"""The training-time distributions of :func:`flow_times` (``config.diffusion.flow_time``):
+``uniform`` on (0, 1) (Lipman et al. 2023) and ``logit_normal`` (Esser et al. 2024, sec. 3.1)."""
 
 
 class Preconditioning(NamedTuple):

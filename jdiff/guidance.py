@@ -41,9 +41,11 @@ from jdiff.schedules import Schedule
 
 __all__ = ["classifier_free", "classifier", "energy", "classifier_hook", "energy_hook", "with_label", "with_cond", "FORMS"]
 
-#: Forms of the gradient-guidance model wrappers. Dhariwal & Nichol's Algorithm 1 (the ancestral
-#: mean shift) needs the sampler's step variance and is the hook ``classifier_hook``/``energy_hook``.
 FORMS = ("ddim",)
+"""Forms of the gradient-guidance model wrappers (:func:`classifier`, :func:`energy`'s ``form``):
+``ddim``, the eps form valid for every sampler. Dhariwal & Nichol's Algorithm 1 (the ancestral
+mean shift) needs the sampler's step variance and is the hook :func:`classifier_hook` /
+:func:`energy_hook`."""
 
 ModelFn = Callable[..., jax.Array]
 Partial = jax.tree_util.Partial

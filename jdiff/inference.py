@@ -169,7 +169,7 @@ def generate(
     (:func:`jdiff.samplers.sample`; e.g. one that stops short of the data, for a truncated
     cascade stage). ``sigma_data``: wrap an EDM network in its preconditioning.
     ``classifier``: ``(module, params)`` of a noise-aware classifier (e.g. ADM's, imported with
-    :mod:`jdiff.convert`) guiding every step towards ``classifier_labels`` [num] with scale
+    :func:`jdiff.convert.openai.from_openai`) guiding every step towards ``classifier_labels`` [num] with scale
     ``classifier_scale`` s: eps - s sigma_t grad log p(y | x_t) (:func:`jdiff.guidance.classifier`,
     Dhariwal & Nichol 2021 Algorithm 2); with classifier-free guidance too, it guides the CFG output.
     ``clip_model``: ``(module, params)`` of a noised :class:`~jdiff.models.CLIP` (``launch.train_clip

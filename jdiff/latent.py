@@ -29,7 +29,9 @@ from jdiff.models.autoencoder import Autoencoder
 __all__ = ["AUTOENCODER_PREFIX", "save_autoencoder", "load_autoencoder", "latent_scale", "encode", "decode",
            "decode_samples", "psnr", "autoencoder_of"]
 
-AUTOENCODER_PREFIX = "autoencoder"  # DIR/autoencoder.json and DIR/autoencoder.msgpack
+AUTOENCODER_PREFIX = "autoencoder"
+"""The file prefix of an autoencoder directory: ``DIR/autoencoder.json`` (the module's fields,
+the scale factor, the image shape, metrics) and ``DIR/autoencoder.msgpack`` (params), see :func:`save_autoencoder`."""
 
 
 def save_autoencoder(directory: str, module: Autoencoder, params: Any, *, scale: float, image_shape: tuple,

@@ -9,9 +9,9 @@ so the adapted network equals the frozen one at initialisation and only A and B 
 Flax layout (a Dense kernel ``[in, out]`` used as ``y = x @ W``; a conv kernel
 ``[kh, kw, in, out]``) the factors are stored transposed: ``a = A^T`` ``[fan_in, r]`` and
 ``b = B^T`` ``[r, out]`` with ``fan_in = prod(kernel.shape[:-1])`` (``in`` for a Dense kernel,
-``kh * kw * in`` for a conv kernel), and
+``kh * kw * in`` for a conv kernel), and :func:`merge` computes
 
-    W = W0 + (alpha / r) * (a @ b).reshape(W0.shape)        (:func:`merge`)
+    W = W0 + (alpha / r) * (a @ b).reshape(W0.shape)
 
 (the reshape is row-major, so row ``(i * kw + j) * in + c`` of ``a @ b`` is the conv tap
 ``[i, j, c, :]``; for a conv this is LoRA on the im2col matrix of the convolution).
@@ -44,17 +44,19 @@ from flax import traverse_util
 __all__ = ["DEFAULT_TARGETS", "FACTOR_NAMES", "init", "delta", "merge", "unmerge", "num_params", "target_paths",
            "save", "load", "check_rank", "check_alpha", "check_targets"]
 
-#: The attention projections (q, k, v, a fused qkv, and the output projection proj_out) of every
-#: self- and cross-attention block (modules whose name contains "attn": ``down_1_attn_0``,
-#: ``mid_attn``, ``up_0_cross_attn_1``, ...), as in the paper (sec. 7.1 adapts W_q and W_v; Stable
-#: Diffusion LoRAs adapt all four), plus the two 3x3 convs of every residual block (``conv1``,
-#: ``conv2``), which hold most of a pixel-space U-Net's capacity. Not adapted: the time and class
-#: embeddings, norms, biases, the input / output convs, resampling convs and 1x1 shortcuts. At
-#: any depth, so the same regex works on a bare U-Net's paths and on wrapped ones.
 DEFAULT_TARGETS = r"(?:.*/)?[^/]*attn[^/]*/(?:q|k|v|qkv|proj_out)/kernel|(?:.*/)?conv[12]/kernel"
+"""The default regex of the kernels LoRA adapts, matched against ``/``-joined param paths.
 
-#: The names of a kernel's two factors under its path: ``a`` ``[fan_in, r]``, ``b`` ``[r, out]``.
+The attention projections (q, k, v, a fused qkv, and the output projection proj_out) of every
+self- and cross-attention block (modules whose name contains "attn": ``down_1_attn_0``,
+``mid_attn``, ``up_0_cross_attn_1``, ...), as in the paper (sec. 7.1 adapts W_q and W_v; Stable
+Diffusion LoRAs adapt all four), plus the two 3x3 convs of every residual block (``conv1``,
+``conv2``), which hold most of a pixel-space U-Net's capacity. Not adapted: the time and class
+embeddings, norms, biases, the input / output convs, resampling convs and 1x1 shortcuts. At
+any depth, so the same regex works on a bare U-Net's paths and on wrapped ones."""
+
 FACTOR_NAMES = ("a", "b")
+"""The names of a kernel's two factors under its path: ``a`` ``[fan_in, r]``, ``b`` ``[r, out]``."""
 
 _FORMAT = "jdiff.lora"
 _VERSION = 1

@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 WEIGHTINGS = ("uniform", "snr", "truncated_snr", "min_snr", "p2")
+"""The time weightings of :func:`loss_weight` and :func:`diffusion_loss`: ``uniform`` (L_simple),
+``snr`` (Kingma et al. 2021), ``truncated_snr`` (Salimans & Ho 2022), ``min_snr`` (Hang et al.
+2023) and ``p2`` (Choi et al. 2022)."""
 
 
 def mean_flat(x: jax.Array) -> jax.Array:

@@ -219,6 +219,7 @@ class FeatureStats:
 
     @property
     def dim(self) -> int:
+        """D, the feature dimension (the last axis of ``mean``)."""
         return self.mean.shape[-1]
 
 

@@ -45,10 +45,13 @@ __all__ = [
 ]
 
 DATA_AXIS = "data"
-# Leaves with fewer elements stay replicated under FSDP: all-gathering a bias costs more in
-# latency than its memory is worth. (big_vision's fsdp rule stops at 4 MiB; 2**14 elements
-# also splits the 3x3 kernels of mid-sized U-Nets.)
+"""The name of the mesh axis the batch is split along (and, with ``fsdp=True``, params and
+optimizer state): the default ``axis_name`` of every function here."""
+
 FSDP_MIN_SIZE = 2**14
+"""Leaves with fewer elements stay replicated under FSDP: all-gathering a bias costs more in
+latency than its memory is worth. (big_vision's fsdp rule stops at 4 MiB; ``2**14`` elements
+also splits the 3x3 kernels of mid-sized U-Nets.)"""
 
 
 def _is_int(x: Any) -> bool:

@@ -24,6 +24,8 @@ Step functions in the registry (:func:`register`, :data:`METHODS`) share one sig
   ``ddim``           DDIM with any eta (Song et al. 2021a, eqs. 12 and 16),
   ``euler_maruyama`` / ``ode``  reverse SDE and probability-flow ODE (Song et al. 2021b, eqs. 6, 13),
   ``dpm_solver++``   DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2),
+  ``euler`` / ``heun`` / ``heun_churn``  EDM's Euler, deterministic Heun and stochastic sampler
+                     (Karras et al. 2022, Algorithms 1 and 2) on any process,
   ``ddim_inverse``   the deterministic DDIM map run forwards (data -> noise), see :func:`ddim_invert`.
 
 The single-step public functions (``ddpm_step``, ``ddim_step``, ...) take a discrete schedule and
@@ -60,6 +62,7 @@ __all__ = [
     "timestep_pairs",
     "time_sequence",
     "register",
+    "available",
     "Sampler",
     "Step",
     "StepResult",
@@ -384,6 +387,9 @@ class Sampler:
 
 _REGISTRY: dict[str, Sampler] = {}
 SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
+"""The time-sequence spacings of :func:`time_sequence` (``spacing``, and a sampler's
+``default_spacing``): ``uniform``, ``quadratic`` (denser near the data), ``logsnr`` (uniform in
+lambda) and ``karras`` (Karras et al. 2022, eq. 5)."""
 
 
 def register(
@@ -535,8 +541,9 @@ register("heun_churn", _step_heun_churn, options=("churn",), default_spacing="ka
 register("dpm_solver++", _step_dpm_solver, init_state=_dpm_init, default_spacing="quadratic")
 register("ddim_inverse", _step_ddim_inverse, direction="forward")
 
-#: The built-in methods (``jdiff.samplers.register`` adds more; ``available()`` lists all).
 METHODS = ("ddpm", "ddim", "euler_maruyama", "ode", "dpm_solver++", "euler", "heun", "heun_churn")
+"""The built-in reverse samplers (:func:`register` adds more; ``jdiff.samplers.available()`` lists all).
+``ddim_inverse``, the forward DDIM map, is registered too but is not a reverse sampler."""
 
 
 def available() -> tuple[str, ...]:

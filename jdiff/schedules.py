@@ -67,6 +67,7 @@ class Schedule:
 
     @property
     def num_timesteps(self) -> int:
+        """T, the number of steps of this schedule (the length of every coefficient array)."""
         return int(self.betas.shape[-1])
 
     # -- the process interface (see :class:`Process`): time i in [-1, T), -1 = the data --------
@@ -106,6 +107,7 @@ class Schedule:
         return times.astype(np.int32)
 
     def is_data(self, times: np.ndarray) -> np.ndarray:
+        """Where a schedule index is the data end of the process (i = -1), as a bool array of ``times``' shape."""
         return np.asarray(times) < 0
 
 
@@ -325,9 +327,11 @@ class ContinuousVP:
     t_min: float = flax.struct.field(pytree_node=False, default=0.0)
 
     def log_snr(self, time: jax.Array) -> jax.Array:
+        """lambda(t) = ``log_snr_fn(t)`` at times ``time`` (any shape), evaluated in float32."""
         return self.log_snr_fn(jnp.asarray(time, jnp.float32))
 
     def alpha_sigma(self, time: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(alpha_t, sigma_t) = (sqrt(sigmoid(lambda(t))), sqrt(sigmoid(-lambda(t)))) at times ``time`` (any shape)."""
         return alpha_sigma_from_log_snr(self.log_snr(time))
 
     def sde_increments(self, time: jax.Array, time_next: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -337,6 +341,7 @@ class ContinuousVP:
         return int_f, -2.0 * int_f
 
     def model_time(self, time: jax.Array) -> jax.Array:
+        """The time the network is fed: t itself, as float32."""
         return jnp.asarray(time, jnp.float32)
 
     def time_range(self) -> tuple[float, float]:
@@ -357,9 +362,11 @@ class ContinuousVP:
         return 0.5 * (lo + hi)
 
     def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
+        """Concrete float times in [t_min, 1] as float32 (t_min = the data); ValueError otherwise."""
         return _check_float_times(times, self.t_min, 1.0, name)
 
     def is_data(self, times: np.ndarray) -> np.ndarray:
+        """Where a time is the data end of the process (t <= t_min), as a bool array of ``times``' shape."""
         return np.asarray(times) <= self.t_min
 
 
@@ -395,10 +402,12 @@ class EDMProcess:
     sigma_data: float = flax.struct.field(pytree_node=False, default=0.5)
 
     def alpha_sigma(self, time: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(alpha, sigma) = (1, t): the time is sigma itself (Karras et al. 2022, x = x_0 + sigma n)."""
         sigma = jnp.asarray(time, jnp.float32)
         return jnp.ones_like(sigma), sigma
 
     def log_snr(self, time: jax.Array) -> jax.Array:
+        """lambda = log(1 / sigma^2) = -2 log sigma (+inf at the data, sigma = 0)."""
         return -2.0 * jnp.log(jnp.asarray(time, jnp.float32))
 
     def sde_increments(self, time: jax.Array, time_next: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -407,6 +416,8 @@ class EDMProcess:
         return jnp.zeros_like(sigma), sigma**2 - sigma_n**2
 
     def model_time(self, time: jax.Array) -> jax.Array:
+        """The time the network is fed: sigma itself, as float32 (:func:`jdiff.edm.precondition`
+        turns it into c_noise = ln(sigma) / 4)."""
         return jnp.asarray(time, jnp.float32)
 
     def prior_std(self, time) -> float:
@@ -414,17 +425,21 @@ class EDMProcess:
         return float(np.asarray(time))
 
     def time_from_scaled_sigma(self, s: jax.Array) -> jax.Array:
+        """The time t with sigma_t / alpha_t = s: s itself, since alpha = 1 and the time is sigma."""
         return s
 
     def time_range(self) -> tuple[float, float]:
+        """(the data end, the noise end) of the time axis: (0, sigma_max)."""
         return 0.0, self.sigma_max
 
     default_spacing = "karras"
 
     def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
+        """Concrete float sigmas in [0, sigma_max] as float32 (0 = the data); ValueError otherwise."""
         return _check_float_times(times, 0.0, self.sigma_max, name)
 
     def is_data(self, times: np.ndarray) -> np.ndarray:
+        """Where a time is the data end of the process (sigma <= 0), as a bool array of ``times``' shape."""
         return np.asarray(times) <= 0
 
 
@@ -445,29 +460,37 @@ class FlowProcess:
     sigma = t. Networks predict the velocity v = dx_t/dt = eps - x_0 (parameterization "flow")."""
 
     def alpha_sigma(self, time: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(alpha_t, sigma_t) = (1 - t, t), the linear path (Lipman et al. 2023; Liu et al. 2023)."""
         t = jnp.asarray(time, jnp.float32)
         return 1.0 - t, t
 
     def log_snr(self, time: jax.Array) -> jax.Array:
+        """lambda(t) = 2 log((1 - t) / t), computed as 2 (log1p(-t) - log t): +inf at the data (t = 0),
+        -inf at pure noise (t = 1)."""
         t = jnp.asarray(time, jnp.float32)
         return 2.0 * (jnp.log1p(-t) - jnp.log(t))
 
     def model_time(self, time: jax.Array) -> jax.Array:
+        """The time the network is fed: t itself, as float32."""
         return jnp.asarray(time, jnp.float32)
 
     def time_from_scaled_sigma(self, s: jax.Array) -> jax.Array:
+        """The time t with sigma_t / alpha_t = t / (1 - t) = s, i.e. t = s / (1 + s)."""
         return s / (1.0 + s)  # s = t / (1 - t)
 
     def time_range(self) -> tuple[float, float]:
+        """(the data end, the noise end) of the time axis: (0, 1)."""
         return 0.0, 1.0
 
     default_spacing = "uniform"
     linear_path = True  # alpha + sigma = 1: the "flow" parameterization is defined
 
     def check_times(self, times: np.ndarray, name: str = "timesteps") -> np.ndarray:
+        """Concrete float times in [0, 1] as float32 (0 = the data); ValueError otherwise."""
         return _check_float_times(times, 0.0, 1.0, name)
 
     def is_data(self, times: np.ndarray) -> np.ndarray:
+        """Where a time is the data end of the process (t <= 0), as a bool array of ``times``' shape."""
         return np.asarray(times) <= 0
 
 

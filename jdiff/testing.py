@@ -33,6 +33,7 @@ class GaussianMixture:
 
     @property
     def num_components(self) -> int:
+        """K, the number of mixture components."""
         return int(self.weights.shape[0])
 
     def _flat(self, x: jax.Array) -> jax.Array:

@@ -155,8 +155,8 @@ _CLASSIFIER_WORKDIR = flags.DEFINE_string("classifier_workdir", None, "Classifie
                                           "classifier imported with launch.convert --kind classifier).")
 _CLASSIFIER_SCALE = flags.DEFINE_float("classifier_scale", None, "Classifier guidance scale s > 0 (with "
                                        "--classifier_workdir; ADM's ImageNet samples use 1 to 10).")
-_METHOD = flags.DEFINE_string("method", None, "A registered sampler: ddpm | ddim | euler_maruyama | ode | dpm_solver++ "
-                              "(default: config).")
+_METHOD = flags.DEFINE_string("method", None, "A registered sampler (jdiff.samplers.available()): ddpm | ddim | "
+                              "euler_maruyama | ode | dpm_solver++ | euler | heun | heun_churn (default: config).")
 _STEPS = flags.DEFINE_integer("steps", None, "Network calls (default: config).")
 _ETA = flags.DEFINE_float("eta", None, "DDIM eta (default: config).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Samples per compiled batch (default: config).")

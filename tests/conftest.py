@@ -25,6 +25,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # before JAX reads its config
 os.environ.setdefault("JDIFF_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Compile with LLVM's -O0: the suite's time is mostly XLA compiling many small programs, which -O0
+# roughly halves, while the tiny networks run about as fast. The workers and every subprocess
+# inherit it. It moves float32 rounding slightly (programs compare to their float64 references
+# at float32 tolerances either way); the benchmarks, and users, compile with XLA's defaults.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 

@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 INSTALL_HINT = "pip install 'jdiff[convert]' (PyTorch and safetensors)"
+"""How to install what reading and writing PyTorch checkpoints needs (torch, safetensors),
+quoted by every :class:`ConversionError` about a missing package."""
+
 IMPORTED_FROM = "imported_from.json"  # a converted workdir's provenance
 
 
@@ -91,8 +94,15 @@ def _linear_forward(w: np.ndarray) -> np.ndarray:
 
 conv = _Layout("conv2d", lambda w: np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0))),
                lambda k: np.ascontiguousarray(np.transpose(k, (3, 2, 0, 1))))
+"""The conv2d layout: a torch weight ``[O, I, kh, kw]`` <-> a flax kernel ``[kh, kw, I, O]``
+(a :class:`Rule`'s ``layout``; ``forward`` converts to flax, ``inverse`` back)."""
+
 linear = _Layout("linear", _linear_forward, lambda k: np.ascontiguousarray(k.T))
+"""The linear layout: a torch weight ``[O, I]`` (or a 1x1 conv's ``[O, I, 1]`` /
+``[O, I, 1, 1]``, any other shape a :class:`ConversionError`) <-> a flax kernel ``[I, O]``."""
+
 copy = _Layout("copy", lambda w: w, lambda w: w)
+"""The identity layout, for biases, norm scales and embeddings, which both frameworks store alike."""
 
 
 class Rule(NamedTuple):

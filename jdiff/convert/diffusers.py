@@ -61,14 +61,18 @@ __all__ = [
 ]
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-#: The UNet2DModel config of google/ddpm-cifar10-32 (Ho et al. 2020's CIFAR-10 network, 35.7M
-#: parameters): attention at 16x16 only, one head, TF-style downsampling pads, DDPM's embedding.
+"""The weight files of a diffusers model folder, in the order they are looked for: safetensors,
+then the PyTorch pickle (read without running its code); writing uses the first."""
+
 DDPM_CIFAR10_32 = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=[128, 256, 256, 256], layers_per_block=2,
     down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], attention_head_dim=None,
     norm_num_groups=32, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
     mid_block_scale_factor=1, center_input_sample=False, time_embedding_type="positional", act_fn="silu")
+"""The UNet2DModel config of google/ddpm-cifar10-32 (Ho et al. 2020's CIFAR-10 network, 35.7M
+parameters): attention at 16x16 only, one head, TF-style downsampling pads, DDPM's embedding."""
+
 _DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 _UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 # UNet2DModel's config fields and the values jdiff can run (None: any value is handled below).

@@ -90,8 +90,13 @@ __all__ = [
     "NUM_CLASSES",
 ]
 
-NUM_CLASSES = 1000  # ImageNet: script_util.NUM_CLASSES of both repositories
+NUM_CLASSES = 1000
+"""ImageNet's 1000 classes (``script_util.NUM_CLASSES`` of both repositories): the class count of
+every class-conditional model and classifier."""
+
 KINDS = ("model", "classifier")
+"""What :func:`from_openai` converts: ``model`` (``UNetModel`` -> jdiff ``"unet"``) or ``classifier``
+(guided-diffusion's noisy ``EncoderUNetModel`` -> jdiff ``"classifier"``)."""
 
 _DIFFUSION_DEFAULTS = dict(  # guided-diffusion script_util.diffusion_defaults()
     learn_sigma=False,
@@ -104,9 +109,6 @@ _DIFFUSION_DEFAULTS = dict(  # guided-diffusion script_util.diffusion_defaults()
     rescale_learned_sigmas=False,
 )
 
-#: guided-diffusion's flags and defaults: ``model_and_diffusion_defaults()`` and
-#: ``classifier_defaults()`` (the two sets ``classifier_sample.py`` takes together), plus
-#: ``sigma_small``, a keyword of its ``create_gaussian_diffusion`` (a flag in improved-diffusion).
 GUIDED_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
     image_size=64,
     num_channels=128,
@@ -133,8 +135,10 @@ GUIDED_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
     sigma_small=False,
     **_DIFFUSION_DEFAULTS,
 ))
+"""guided-diffusion's flags and defaults: ``model_and_diffusion_defaults()`` and
+``classifier_defaults()`` (the two sets ``classifier_sample.py`` takes together), plus
+``sigma_small``, a keyword of its ``create_gaussian_diffusion`` (a flag in improved-diffusion)."""
 
-#: improved-diffusion's ``model_and_diffusion_defaults()``.
 IMPROVED_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
     image_size=64,
     num_channels=128,
@@ -156,6 +160,7 @@ IMPROVED_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(
     use_checkpoint=False,
     use_scale_shift_norm=True,
 ))
+"""improved-diffusion's flags and defaults: its ``model_and_diffusion_defaults()``."""
 
 # What improved-diffusion's code fixes for the guided-diffusion flags it does not have.
 _IMPROVED_IMPLIED = dict(num_head_channels=-1, channel_mult="", resblock_updown=False, use_fp16=False,
@@ -165,11 +170,12 @@ _IMPROVED_IMPLIED = dict(num_head_channels=-1, channel_mult="", resblock_updown=
 _GUIDED_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
 _IMPROVED_CHANNEL_MULT = {256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 
-#: codebase -> (its flags and defaults, its create_model's channel_mult table).
 CODEBASES: Mapping[str, tuple] = MappingProxyType({
     "guided-diffusion": (GUIDED_DEFAULTS, _GUIDED_CHANNEL_MULT),
     "improved-diffusion": (IMPROVED_DEFAULTS, _IMPROVED_CHANNEL_MULT),
 })
+"""codebase -> (its flags and defaults, its create_model's channel_mult table by image size), for
+``"guided-diffusion"`` and ``"improved-diffusion"``: what :func:`parse_flags` resolves flags over."""
 
 _TRUE = ("yes", "true", "t", "y", "1")  # str2bool of both repositories
 _FALSE = ("no", "false", "f", "n", "0")

@@ -53,21 +53,41 @@ __all__ = [
 ]
 
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
+"""The objects' colour words, in the order of :data:`COLOURS` (a scene's ``colour`` indexes both)."""
+
 COLOURS = np.array([(0.9, 0.1, 0.1), (0.1, 0.75, 0.15), (0.15, 0.3, 0.95), (0.95, 0.85, 0.1), (0.85, 0.15, 0.85),
                     (0.1, 0.85, 0.85)])
+"""``[6, 3]`` RGB in [0, 1] of each of :data:`COLOUR_NAMES`: saturated and far apart, so a
+sample's colour can be judged exactly; rendered to [-1, 1] on the black (-1) background."""
+
 SIZE_NAMES = ("small", "large")
-SIZES = np.array([0.12, 0.2])  # half-extents, fractions of the image side
+"""The objects' size words, in the order of :data:`SIZES`."""
+
+SIZES = np.array([0.12, 0.2])
+"""The half-extents of :data:`SIZE_NAMES`' objects, as fractions of the image side."""
+
 POSITION_NAMES = ("top left", "top right", "bottom left", "bottom right")
+"""The four quadrants an object sits in, in caption order (top left first); two objects of a
+scene never share one."""
+
 _QUADRANT_CENTRES = np.array([(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)])  # (x, y), y down
-MIN_RESOLUTION = 16  # a small triangle's inradius is 0.06 R: at 16 it still covers pixel centres
+MIN_RESOLUTION = 16
+"""The smallest image side :func:`render_scenes` draws: a small triangle's inradius is 0.06 R, so
+at 16 pixels it still covers pixel centres."""
+
 MAX_OBJECTS = 2
-# Fashion-MNIST's classes as caption words (the article comes from the first letter).
 FASHION_MNIST_CLASS_WORDS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                              "ankle boot")
+"""Fashion-MNIST's classes as caption words, by label (the article of
+:func:`fashion_mnist_captions` comes from the first letter)."""
 
 _GLUE = ("a", "an", "and", "at", "the", "top", "bottom", "left", "right")
 SHAPES_VOCABULARY = tuple(sorted(set(_GLUE) | set(COLOUR_NAMES) | set(SHAPE_NAMES) | set(SIZE_NAMES)))
+"""The sorted vocabulary of the captioned-shapes captions: the colour, shape and size words and
+the glue words ("a", "at", "the", "top", ...); the default of :class:`Tokenizer`."""
+
 FASHION_MNIST_VOCABULARY = tuple(sorted({"a", "an"} | {w for name in FASHION_MNIST_CLASS_WORDS for w in name.split()}))
+"""The sorted vocabulary of the Fashion-MNIST captions: "a", "an" and the words of the class names."""
 
 
 class Scene(NamedTuple):
@@ -231,6 +251,9 @@ class Tokenizer:
         return len(self.vocabulary) + 1
 
     def encode(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids int32 ``[N, max_length]`` and mask bool ``[N, max_length]`` (True = a word) of
+        ``texts`` (one string or N), left-aligned and padded with 0 / False; a ValueError names an empty
+        caption, one longer than ``max_length`` or an unknown word."""
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -258,6 +281,8 @@ class Tokenizer:
         return np.zeros((n, self.max_length), np.int32), np.zeros((n, self.max_length), bool)
 
     def decode(self, ids: np.ndarray, mask: np.ndarray) -> list[str]:
+        """The captions of ``ids`` and ``mask`` (two ``[N, L]`` arrays, as :meth:`encode` returns): the
+        words at the unmasked positions, joined by spaces; a ValueError if an unmasked id is not a word."""
         ids, mask = np.asarray(ids), np.asarray(mask, bool)
         if ids.shape != mask.shape or ids.ndim != 2:
             raise ValueError(f"ids, mask: expected two [N, L] arrays of one shape, got {ids.shape} and {mask.shape}")
@@ -266,9 +291,10 @@ class Tokenizer:
         return [" ".join(self.vocabulary[i - 1] for i in row[m]) for row, m in zip(ids, mask)]
 
 
-# Datasets whose examples carry captions, and the vocabulary of each (jdiff.data.get_dataset).
 CAPTIONED_DATASETS = {"captioned_shapes": SHAPES_VOCABULARY, "fashion_mnist": FASHION_MNIST_VOCABULARY,
                       "fashion_mnist_sample": FASHION_MNIST_VOCABULARY}
+"""Datasets whose examples carry captions (the Fashion-MNIST sets with ``captions=True``), and the
+vocabulary of each: what :func:`tokenizer_of` builds its :class:`Tokenizer` from."""
 
 
 def tokenizer_of(data_config) -> Tokenizer:

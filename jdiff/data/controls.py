@@ -26,7 +26,13 @@ __all__ = ["CONTROL_KINDS", "DEFAULT_CANNY_SIGMA", "canny", "mask", "control_ima
            "edge_f1", "mask_iou", "shape_mask"]
 
 CONTROL_KINDS = ("canny", "mask")
-DEFAULT_CANNY_SIGMA = 1.5  # on 28x28 Fashion-MNIST, 1.0 keeps texture speckle; 1.5 keeps outlines and folds
+"""The control images :func:`control_images` computes (``config.data.control``): ``canny`` edges and
+the shapes' ``mask``."""
+
+DEFAULT_CANNY_SIGMA = 1.5
+"""The Gaussian width (pixels) of :func:`canny`'s smoothing: on 28x28 Fashion-MNIST, 1.0 keeps
+texture speckle; 1.5 keeps outlines and folds."""
+
 # A generated pixel belongs to the shape when its brightest channel exceeds this ([-1, 1] scale):
 # shapes' colours have HSV value >= 0.6, i.e. a channel >= 0.2, and the background is -1.
 SHAPE_THRESHOLD = -0.4

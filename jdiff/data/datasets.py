@@ -51,10 +51,19 @@ from jdiff.data.tfds_source import UnknownDatasetError, tfds_source
 __all__ = ["Dataset", "get_dataset", "image_shape_of", "DATA_CONFIG_KEYS", "BUILTIN_DATASETS", "NO_DATASET"]
 
 BUILTIN_DATASETS = ("digits", "shapes", "captioned_shapes", "fashion_mnist", "fashion_mnist_sample", "arrays")
-NO_DATASET = "none"  # an imported model's workdir: data.image_shape, no images
+"""The ``data.name`` values :func:`get_dataset` handles itself; any other name is looked up in
+TFDS."""
+
+NO_DATASET = "none"
+"""The ``data.name`` of an imported model's workdir (``launch.convert``): it records
+``data.image_shape`` and has no images, so it samples but neither trains nor evaluates."""
+
 DATA_CONFIG_KEYS = ("name", "split", "resolution", "num_examples", "seed", "data_dir", "image_key", "label_key", "download",
                     "path", "control", "control_kwargs", "image_shape", "max_objects", "captions", "caption_length", "autoencoder", "clip_workdir",
                     "clip_embeddings")
+"""The keys of a config's data section that :func:`get_dataset` reads (described in this module's
+docstring); other keys, such as the batch settings of :mod:`jdiff.data.pipeline`, are left alone."""
+
 _SHAPES_SPLITS = ("train", "test")
 _SHAPES_DEFAULT_NUM_EXAMPLES = {"train": 10_000, "test": 1_000}
 

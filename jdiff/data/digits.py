@@ -20,9 +20,17 @@ import numpy as np
 __all__ = ["load_digits", "DIGITS_SPLITS", "DIGITS_NUM_CLASSES", "DIGITS_SHAPE", "DIGITS_MAX_VALUE"]
 
 DIGITS_SPLITS = ("train", "test")
+"""The digits' splits: ``train`` (1,497 images) and ``test`` (300, 30 per class)."""
+
 DIGITS_NUM_CLASSES = 10
+"""The digits' 10 classes, 0 to 9."""
+
 DIGITS_SHAPE = (8, 8, 1)
+"""(H, W, C) of a digit image: 8x8, one channel."""
+
 DIGITS_MAX_VALUE = 16
+"""The largest raw pixel value (a count of "on" pixels in a 4x4 block, 0..16), which
+:func:`load_digits` maps to 1 when it scales pixels to [-1, 1]."""
 
 
 def _raw() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -55,17 +55,29 @@ __all__ = [
 ]
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's ``dataset-fashion-mnist`` package installs the IDX files, the default
+``data_dir``."""
+
 FASHION_MNIST_SHAPE = (28, 28, 1)
+"""(H, W, C) of a Fashion-MNIST image: 28x28 grayscale."""
+
 FASHION_MNIST_NUM_CLASSES = 10
+"""Fashion-MNIST's 10 classes."""
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+"""The class names of the release, by label 0..9."""
+
 FASHION_MNIST_SPLIT_SIZES = {"train": 60_000, "test": 10_000}
-# split -> (images file, labels file), the names of the original release.
+"""The number of images of each split, as published (6,000 / 1,000 per class)."""
+
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+"""split -> (images file, labels file), the gzipped IDX files of the original release."""
+
 SAMPLE_FILE = "fashion_mnist_sample.npz"
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049

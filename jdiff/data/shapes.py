@@ -26,6 +26,8 @@ import numpy as np
 __all__ = ["SHAPE_NAMES", "ShapeParams", "shape_params", "render_shapes", "shapes", "inside_shape"]
 
 SHAPE_NAMES = ("disc", "square", "triangle")
+"""The shapes the generator draws, by label: a disc, an axis-aligned square and an upright triangle."""
+
 MIN_RESOLUTION = 8
 _UNIFORMS_PER_EXAMPLE = 7
 _MIN_SIZE, _MAX_SIZE = 0.2, 0.4

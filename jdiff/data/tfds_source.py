@@ -127,7 +127,7 @@ def tfds_source(
       download: let TFDS download and prepare the dataset when it is missing.
 
     Returns:
-      A :class:`TfdsSource`: ``len()`` records of float32 images in [-1, 1] [H, W, C] and
+      A :class:`TfdsSource`: ``len()`` records of float32 images ``[H, W, C]`` in [-1, 1] and
       int32 labels, ready for :func:`jdiff.data.pipeline.batch_at`.
     """
     if not isinstance(name, str) or not name:

@@ -28,6 +28,9 @@ from jdiff.data import captions as cap
 __all__ = ["CaptionJudge", "QuadrantTargets", "targets", "train_judge", "read_scenes", "caption_accuracy", "ATTRIBUTES"]
 
 ATTRIBUTES = ("colour", "shape", "size")
+"""The object attributes the judge reads in each quadrant besides ``present``, and
+:func:`caption_accuracy` scores (with ``position``, ``object`` and ``caption``)."""
+
 _HEADS = {"present": 2, "colour": len(cap.COLOUR_NAMES), "shape": 3, "size": len(cap.SIZE_NAMES)}
 _QUADRANTS = len(cap.POSITION_NAMES)
 

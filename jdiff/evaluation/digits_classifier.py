@@ -51,7 +51,13 @@ __all__ = [
 ]
 
 DIGITS_CLASSIFIER_FILE = "digits_classifier.npz"
+"""The file name of the shipped digits classifier's weights (beside this module), read by
+:func:`load_digits_classifier` when no path is given."""
+
 DIGITS_FEATURE_DIM = 64
+"""D, the width of the digits classifier's penultimate features: the feature space of FID and
+precision/recall on digits."""
+
 DIGITS_IMAGE_SHAPE = (8, 8, 1)
 
 

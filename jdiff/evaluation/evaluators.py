@@ -4,8 +4,10 @@
 An evaluator is ``score(samples [N, H, W, C] in [-1, 1], labels [N] int or None) -> dict`` of
 Python numbers, plus ``check(image_shape, num_classes, data_name)``, which raises a ValueError
 when the data is not what it can score; the training loop calls it before training starts.
-Built in: ``"digits"`` (:func:`jdiff.evaluation.evaluate_digit_samples`: FID, Inception Score,
-precision/recall and class accuracy in the feature space of the shipped digits classifier).
+Built in (:data:`EVALUATORS`): ``"digits"`` (:func:`jdiff.evaluation.evaluate_digit_samples`: FID,
+Inception Score, precision/recall and class accuracy in the feature space of the shipped digits
+classifier), ``"fashion_mnist"`` and ``"fashion_mnist_sample"`` (the same in the feature space of the
+shipped Fashion-MNIST classifier, against the Fashion-MNIST files or the 300 images shipped with jdiff).
 Add one with :func:`register`::
 
     from jdiff.evaluation import evaluators
@@ -32,6 +34,16 @@ __all__ = ["EVALUATORS", "Evaluator", "get", "register"]
 
 
 class Evaluator(NamedTuple):
+    """A registered evaluator (see the module docstring; :func:`register` makes one).
+
+    Attributes:
+      name: what ``config.eval.evaluator`` says.
+      score: ``score(samples [N, H, W, C] in [-1, 1], labels [N] int or None) -> dict`` of Python numbers.
+      check: ``check(image_shape, num_classes, data_name)``, raising a ValueError when the data is
+        not what ``score`` can score (called before training starts).
+      min_samples: the fewest samples ``score`` takes.
+    """
+
     name: str
     score: Callable[[np.ndarray, np.ndarray | None], dict[str, Any]]
     check: Callable[[tuple, int | None, str], None]
@@ -39,6 +51,10 @@ class Evaluator(NamedTuple):
 
 
 EVALUATORS: dict[str, Evaluator] = {}
+"""The evaluator registry: name -> :class:`Evaluator`. Built in: ``digits``, ``fashion_mnist``
+(against the Fashion-MNIST test split or a train subset) and ``fashion_mnist_sample`` (the same
+network against the 300 images shipped with jdiff); :func:`register` adds more, :func:`get`
+looks one up."""
 
 
 def _accept_any(image_shape: tuple, num_classes: int | None, data_name: str) -> None:

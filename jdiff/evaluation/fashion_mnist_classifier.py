@@ -48,8 +48,15 @@ __all__ = [
 ]
 
 FASHION_MNIST_CLASSIFIER_FILE = "fashion_mnist_classifier.npz"
+"""The file name of the shipped Fashion-MNIST classifier's weights (beside this module), read by
+:func:`load_fashion_mnist_classifier` when no path is given."""
+
 FASHION_MNIST_FEATURE_DIM = 128
+"""D, the width of the Fashion-MNIST classifier's penultimate features: the feature space of FID
+and precision/recall on Fashion-MNIST."""
+
 FASHION_MNIST_IMAGE_SHAPE = (28, 28, 1)
+"""(H, W, C) of the images the classifier takes: 28x28 grayscale."""
 
 
 class FashionMnistClassifier(feature_network.SmallCNN):

@@ -79,7 +79,12 @@ __all__ = [
 ]
 
 PRECISION_RECALL_K = 3
+"""k of the k-NN precision and recall (Kynkaanniemi et al. 2019: 3, the paper's value); scoring
+needs at least k + 1 samples."""
+
 REFERENCE_SPLITS = ("test", "train")
+"""The names of a feature space's reference sets: ``test`` and ``train``."""
+
 _PAIRWISE_CHUNK = 1024
 
 
@@ -148,6 +153,9 @@ class FeatureSpace(NamedTuple):
 
 
 FASHION_MNIST_REFERENCE_SIZE = 10_000
+"""The size of the Fashion-MNIST ``train`` reference, a fixed class-balanced subset of the 60,000
+(:func:`fashion_mnist_train_subset`): it keeps the k-NN radii and the reference features a few
+seconds' work on a CPU."""
 
 
 def _interleaved_class_order(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -205,6 +213,8 @@ FEATURE_SPACES: dict[str, FeatureSpace] = {
     "fashion_mnist": FeatureSpace("fashion_mnist", reference=_fashion_mnist_reference, **_FASHION),
     "fashion_mnist_sample": FeatureSpace("fashion_mnist_sample", reference=_fashion_mnist_sample_reference, **_FASHION),
 }
+"""The feature spaces by name (``digits``, ``fashion_mnist``, ``fashion_mnist_sample``, as
+described above): the network and reference images :func:`evaluate_samples` scores against."""
 
 
 def _feature_space(dataset: str) -> FeatureSpace:

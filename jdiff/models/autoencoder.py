@@ -114,6 +114,7 @@ class Autoencoder(nn.Module):
         return 2 ** (len(self.channel_mult) - 1)
 
     def setup(self):
+        """Build the encoder and decoder towers from the fields."""
         mult = tuple(self.channel_mult)
         self.encoder = _Encoder(self.latent_channels, self.base_channels, mult, self.num_res_blocks)
         self.decoder = _Decoder(self.image_channels, self.base_channels, mult, self.num_res_blocks)
@@ -124,11 +125,14 @@ class Autoencoder(nn.Module):
             raise ValueError(f"{name}: expected [B, H, W, {channels}] with H and W divisible by {divisible}, got shape {shape}")
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The posterior q(z | x) of images ``x`` ``[B, H, W, C]`` (H, W divisible by f): ``(mean, logvar)``,
+        each ``[B, H/f, W/f, latent_channels]``, logvar clipped to [-30, 20]."""
         self._check(x, self.image_channels, "x", self.factor)
         mean, logvar = jnp.split(self.encoder(x), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def decode(self, z: jax.Array) -> jax.Array:
+        """Images ``[B, H, W, C]`` from latents ``z`` ``[B, H/f, W/f, latent_channels]``."""
         self._check(z, self.latent_channels, "z", 1)
         return self.decoder(z)
 

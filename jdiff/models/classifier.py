@@ -21,6 +21,8 @@ from jdiff.models.unet import UNetEncoder, module_from_config, validate_trunk_fi
 __all__ = ["NoiseAwareClassifier", "POOLINGS"]
 
 POOLINGS = ("attention", "mean")
+"""How the classifier pools its trunk's features before the output layer: ``attention`` (ADM's
+attention pool) or ``mean`` (spatial mean, then Dense)."""
 
 
 class NoiseAwareClassifier(nn.Module):

@@ -43,7 +43,13 @@ __all__ = [
 ]
 
 Dtype = Any
+"""The type of the modules' ``dtype`` fields: a JAX dtype such as ``jnp.float32`` or
+``jnp.bfloat16``, the dtype of the computation (params and normalisation statistics stay float32)."""
+
 TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+"""The time embeddings of :class:`TimestepEmbedding` (a U-Net's ``time_embedding``):
+``sinusoidal`` (DDPM, Transformer-style) and ``fourier`` (random Fourier features of continuous
+time, score SDE's; Song et al. 2021)."""
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -193,7 +199,7 @@ def fourier_features(t: jax.Array, dim: int, scale: float = 16.0, seed: int = 0)
 
 
 class TimestepEmbedding(nn.Module):
-    """t -> [sinusoidal | Fourier](t) -> Dense -> swish -> Dense (DDPM appendix B).
+    """``t`` -> sinusoidal or Fourier features -> Dense -> swish -> Dense (DDPM appendix B).
 
     Attributes:
       features: width of the sinusoidal / Fourier features (DDPM: the base channel count).
@@ -302,7 +308,8 @@ class ResBlock(nn.Module):
       out_channels: output channels (None: same as input).
       resample: None, "up" (nearest 2x) or "down" (2x2 average pool), applied to both branches
         (BigGAN-style up/down blocks, ADM's ``resblock_updown``).
-      norm_groups, norm_eps: the group norms' groups (None: :func:`norm_groups`) and epsilon.
+      norm_groups, norm_eps: the group norms' groups (None: :func:`~jdiff.models.layers.norm_groups`)
+        and epsilon.
     Call: ``x: [B, H, W, C]``, ``emb: [B, E]`` -> ``[B, H', W', out_channels]``.
     """
 
@@ -370,7 +377,7 @@ class AttentionBlock(nn.Module):
 
     ``head_channels`` (ADM's ``num_head_channels``, diffusers' ``attention_head_dim``), when set,
     fixes the head width instead: ``C / head_channels`` heads. ``norm_groups`` / ``norm_eps``: the
-    group norm's groups (None: :func:`norm_groups`) and epsilon.
+    group norm's groups (None: :func:`~jdiff.models.layers.norm_groups`) and epsilon.
 
     Call: ``x: [B, H, W, C]`` -> same shape. C must be divisible by ``num_heads`` (or by
     ``head_channels``).

@@ -147,30 +147,38 @@ class LoRA(nn.Module):
     # The inner network's attributes, under the defaults jdiff's getattr(module, ...) calls use.
     @property
     def num_classes(self) -> Optional[int]:
+        """The inner network's ``num_classes`` (None if it has none: unconditional)."""
         return getattr(self._inner, "num_classes", None)
 
     @property
     def image_channels(self) -> int:
+        """The inner network's ``image_channels``, the channels of ``cond["image"]`` (0 if it has none)."""
         return getattr(self._inner, "image_channels", 0)
 
     @property
     def context_dim(self) -> Optional[int]:
+        """The inner network's ``context_dim``, the width of its cross-attention context (None if it has none)."""
         return getattr(self._inner, "context_dim", None)
 
     @property
     def aug_level_embedding(self) -> bool:
+        """The inner network's ``aug_level_embedding``: whether it reads ``cond["aug_level"]`` (False if it
+        has none)."""
         return getattr(self._inner, "aug_level_embedding", False)
 
     @property
     def learn_sigma(self) -> bool:
+        """The inner network's ``learn_sigma``: whether it also outputs a variance (False if it has none)."""
         return getattr(self._inner, "learn_sigma", False)
 
     @property
     def out_channels(self) -> Optional[int]:
+        """The inner network's ``out_channels`` (None if it has none: the channels of ``x``)."""
         return getattr(self._inner, "out_channels", None)
 
     @property
     def control_channels(self) -> tuple:
+        """The inner network's ``control_channels``, one per ControlNet (() if it has none)."""
         return getattr(self._inner, "control_channels", ())
 
     @nn.compact

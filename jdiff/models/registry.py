@@ -25,6 +25,9 @@ MODELS: Dict[str, Type[nn.Module]] = {
     "unet": UNet, "classifier": NoiseAwareClassifier, "controlnet": ControlledUNet, "text_unet": TextUNet,
     "embedding_prior": EmbeddingPrior,
 }
+"""The model registry: name -> ``flax.linen.Module`` class, what :func:`build` looks a config's
+``model_name`` up in. Built in: ``unet``, ``classifier``, ``controlnet``, ``text_unet`` and
+``embedding_prior``; :mod:`jdiff.models.lora` adds ``lora``, :func:`register` any other."""
 
 
 def _check_module_class(name: str, cls: Any) -> None:

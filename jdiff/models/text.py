@@ -132,6 +132,7 @@ class CLIP(nn.Module):
     image_attention_resolutions: Sequence[int] = (8,)
 
     def setup(self):
+        """Build the text encoder and its projection, the image tower and the learned log temperature."""
         self.text = TextEncoder(self.vocab_size, self.max_length, self.text_width, self.text_layers, self.text_heads)
         self.text_proj = nn.Dense(self.embed_dim, use_bias=False)
         self.image = NoiseAwareClassifier(
@@ -141,14 +142,20 @@ class CLIP(nn.Module):
         self.log_scale = self.param("log_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
 
     def encode_image(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        """Unit-norm image embeddings ``[B, embed_dim]`` of (noisy) images ``x`` ``[B, H, W, C]`` at
+        times ``t`` ``[B]``."""
         e = self.image(x, t)
         return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6)
 
     def encode_text(self, ids: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
+        """Unit-norm text embeddings ``[B, embed_dim]`` of token ids ``[B, L]``: the projected mean of
+        the encoder's final features over the real tokens (``mask`` ``[B, L]``, True = real; None:
+        every token is real)."""
         e = self.text_proj(self.text(ids, mask)[1])
         return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6)
 
     def logit_scale(self) -> jax.Array:
+        """The temperature ``exp(log_scale)``, clipped at 100 (Radford et al. 2021)."""
         return jnp.minimum(jnp.exp(self.log_scale), 100.0)
 
     def similarity(self, x: jax.Array, t: jax.Array, ids: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:

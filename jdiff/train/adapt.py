@@ -39,8 +39,12 @@ from jdiff.workdir import Loaded, config_from_dict, load_config, load_for_sampli
 __all__ = ["ADAPTABLE_MODELS", "CONTROL_FIELDS", "resolve_base", "base_init_map"]
 
 ADAPTABLE_MODELS = ("unet", "controlnet", "lora")
-# The fields a ControlNet adds to its base U-Net's.
+"""The ``config.model_name`` values an adaptation of a base workdir may have: the base U-Net
+itself (``unet``, fine-tuning or DreamBooth), ``controlnet`` or ``lora``."""
+
 CONTROL_FIELDS = ("control_channels", "control_scale", "hint_channels")
+"""The fields a ControlNet adds to its base U-Net's: the only model fields a ControlNet adaptation
+config may set (:func:`resolve_base` takes the others from the base workdir)."""
 
 
 def _plain(section) -> dict:

@@ -138,6 +138,8 @@ class Checkpointer:
 
     @property
     def manager(self) -> ocp.CheckpointManager:
+        """The orbax ``CheckpointManager`` of ``workdir/checkpoints`` (created on first use, with this
+        checkpointer's ``keep`` and ``async_save``)."""
         if self._manager is None:
             os.makedirs(self.directory, exist_ok=True)
             self._manager = ocp.CheckpointManager(
@@ -175,6 +177,9 @@ class Checkpointer:
             )
 
     def write_experiment(self, config) -> None:
+        """Record the experiment in ``workdir``: ``experiment.json``, the config's fingerprint
+        (:func:`jdiff.train.config.experiment_fingerprint`; written once, atomically, and never
+        overwritten), and ``config.json``, the whole config (rewritten on every call)."""
         os.makedirs(self.workdir, exist_ok=True)
         path = os.path.join(self.workdir, _FINGERPRINT)
         if not os.path.exists(path):

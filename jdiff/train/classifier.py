@@ -66,6 +66,8 @@ def log_prob_fn(module: NoiseAwareClassifier, params: Any) -> Callable[[jax.Arra
 
 
 def init_classifier(module: NoiseAwareClassifier, image_shape, key):
+    """Fresh params of ``module`` (the ``params`` collection) for images of ``image_shape``
+    ``(H, W, C)``, from the PRNG ``key`` (initialised on one zero image at t = 0)."""
     return module.init({"params": key}, jnp.zeros((1,) + tuple(image_shape)), jnp.zeros((1,), jnp.int32))["params"]
 
 

@@ -28,8 +28,12 @@ from jdiff.models.text import CLIP
 __all__ = ["clip_loss", "train_clip", "retrieval_accuracy", "embed", "save_clip", "load_clip", "CLIP_FILE", "CLIP_CONFIG_FILE"]
 
 CLIP_PREFIX = "clip"
-CLIP_FILE = CLIP_PREFIX + ".msgpack"  # a CLIP workdir: its params (flax msgpack)
-CLIP_CONFIG_FILE = CLIP_PREFIX + ".json"  # ... and what rebuilds the module and checks its use
+CLIP_FILE = CLIP_PREFIX + ".msgpack"
+"""A CLIP workdir's params file (flax msgpack); :func:`save_clip` writes it, :func:`load_clip` reads it."""
+
+CLIP_CONFIG_FILE = CLIP_PREFIX + ".json"
+"""A CLIP workdir's JSON beside :data:`CLIP_FILE`: what rebuilds the module (its fields) and
+checks its use (resolution, noised or not and on which schedule, vocabulary), and its metrics."""
 
 
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array) -> jax.Array:

@@ -10,14 +10,17 @@ import ml_collections
 
 from jdiff import conditioning, diffusion, losses, schedules
 
-# Sections whose change makes an existing checkpoint meaningless (a different network,
-# process or data); train/sample/logging settings may change between restarts.
 INCOMPATIBLE_SECTIONS = (
     "model_name", "model", "diffusion", "data.name", "data.resolution", "data.transform", "data.transform_kwargs",
     "data.control", "data.control_kwargs", "data.path", "train.trainable", "seed",
 )
-# Free-form sections: their keys belong to the module / transform they configure, which checks them.
+"""Sections whose change makes an existing checkpoint meaningless (a different network,
+process or data); train/sample/logging settings may change between restarts. Their values are the
+experiment's fingerprint (:func:`experiment_fingerprint`)."""
+
 FREE_FORM_SECTIONS = ("model", "data.transform_kwargs", "data.control_kwargs")
+"""Free-form sections: their keys belong to the module / transform they configure, which checks
+them, so the schema's key validation skips them."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -34,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.resolution = ml_collections.FieldReference(None, field_type=int)  # TFDS/shapes size
     c.data.num_examples = 10000  # shapes only: size of the generated set
     c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.image_key = "image"  # TFDS: the feature holding the uint8 image
+    c.data.label_key = ml_collections.FieldReference("label", field_type=str)  # TFDS: the class label; None: unlabelled
+    c.data.download = False  # TFDS: let tfds download and prepare the dataset (needs the internet)
     c.data.batch_size = 128  # global batch, split over processes and devices
     c.data.random_flip = False
     # A batch transform run inside the jitted train step with its own key (jdiff.train.transforms):
@@ -266,6 +272,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 PROCESSES = ("vp", "edm", "flow")
+"""The ``config.diffusion.process`` values (:func:`make_schedule`): ``vp`` (a discrete
+:class:`~jdiff.schedules.Schedule`), ``edm`` (:class:`~jdiff.schedules.EDMProcess`) and ``flow``
+(:class:`~jdiff.schedules.FlowProcess`)."""
 
 
 def make_schedule(config: ml_collections.ConfigDict):

@@ -22,6 +22,7 @@ from jdiff import models
 from jdiff.train import transforms as transforms_lib
 
 DEFAULT_MODEL_NAME = "unet"
+"""The model registry name a config without ``model_name`` trains: ``"unet"``."""
 
 
 def build_model(config: ml_collections.ConfigDict, image_shape: Any = None):

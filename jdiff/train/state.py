@@ -39,6 +39,7 @@ class TrainState:
 
     @property
     def key(self) -> jax.Array:
+        """``rng`` as a typed PRNG key (``jax.random.wrap_key_data``)."""
         return jax.random.wrap_key_data(self.rng)
 
     def full_params(self) -> Any:

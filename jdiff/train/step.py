@@ -14,6 +14,10 @@ from jdiff.schedules import Schedule
 from jdiff.train.state import TrainState, merge_params
 
 BATCH_KEYS = ("image", "cond", "loss_weight")
+"""The keys a train-step batch may have: ``image`` ``[B, H, W, C]`` (required), ``cond`` (a
+conditioning dict, :mod:`jdiff.conditioning`) and ``loss_weight`` ``[B]``; :func:`check_batch`
+refuses any other."""
+
 # fold_in constants of the step key: the per-example keys use the example index (< 2^28).
 _TRANSFORM_STREAM = 1 << 29
 _DROPOUT_STREAM = 1 << 30

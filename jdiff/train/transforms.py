@@ -40,8 +40,13 @@ import numpy as np
 from jdiff import editing
 
 BatchTransform = Callable[[dict, jax.Array], dict]
+"""The type of a batch transform: ``transform(batch, key) -> batch``, a pure JAX function over
+the train step's batch (see the module docstring)."""
 
 TRANSFORMS: dict[str, Callable[..., BatchTransform]] = {}
+"""The transform registry: name -> factory, ``factory(**config.data.transform_kwargs)`` returning a
+:data:`BatchTransform`. Built in: ``downsample_image``, ``inpaint`` and ``super_resolution``;
+:func:`register` adds more."""
 
 
 def register(name: str, factory: Callable[..., BatchTransform]) -> None:

@@ -1,0 +1,104 @@
+"""The guides' Python snippets (docs/guides/*.md) run as written.
+
+Every ```python block of a guide runs, in order, in one fresh namespace per guide (the pattern of
+tests/test_readme.py); the blocks assert what the guide claims. Blocks fenced ```py are shown but
+not run (commands that need files or hardware the tests do not have).
+
+Each guide runs in a subprocess of its own (``python tests/test_docs_guides.py GUIDE``), so that
+* scale_out.md gets its 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set
+  before JAX starts, and this process's JAX has one CPU device;
+* what a guide changes in its process (the samplers extending.md registers, the TFDS mock of
+  tfds.md) cannot reach another guide or test;
+* the guides whose time goes into compiling U-Nets (FAST_COMPILE) compile with LLVM's -O0
+  (--xla_backend_optimization_level=0, as tests/test_parallel.py does): about half the compile
+  time. It changes float32 rounding a little (up to ~1e-4 after a sampling loop on the mixture), so
+  the guides whose assertions are about rounding (extending.md compares samplers to 1e-4, pretrained.md
+  the converted network to 1e-4) run with XLA's defaults, as readers do.
+  quickstart.md and tfds.md train the same network: the second loads its programs from the
+  persistent compilation cache conftest.py sets up for the run (the subprocesses inherit it).
+
+pretrained.md needs PyTorch and diffusers (the converter's oracle): without them it skips, and in CI,
+which installs them, it fails (conftest.require_modules). A failure shows the guide's output, its
+traceback pointing at the line of the Markdown file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUIDES = os.path.join(ROOT, "docs", "guides")
+#: Guides that must have runnable snippets (cli.md has none: its usage comes from the commands).
+WITH_SNIPPETS = ("quickstart.md", "extending.md", "scale_out.md", "tfds.md", "pretrained.md")
+#: XLA CPU devices of each guide's process (default 1).
+DEVICES = {"scale_out.md": 8}
+#: Guides compiled with --xla_backend_optimization_level=0 (see the module docstring).
+FAST_COMPILE = ("quickstart.md", "tfds.md", "scale_out.md")
+#: Modules a guide needs beyond jdiff's dependencies.
+REQUIRES = {"pretrained.md": ("torch", "diffusers")}
+TIMEOUT = 900
+
+BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+
+
+def python_blocks(path: str) -> list[tuple[int, str]]:
+    """``(line of the block's first code line, code)`` of every ```python block of ``path``."""
+    text = open(path, encoding="utf-8").read()
+    return [(text.count("\n", 0, m.start(1)), m.group(1)) for m in BLOCK.finditer(text)]
+
+
+def run_guide(path: str) -> dict:
+    """Execute the guide's blocks in order in one namespace; each block compiled with its own line
+    numbers, so a traceback points into the Markdown file."""
+    namespace: dict = {"__name__": "__guide__"}
+    rel = os.path.relpath(path, ROOT)
+    for line, code in python_blocks(path):
+        exec(compile("\n" * line + code, rel, "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def _guides() -> list[str]:
+    return sorted(name for name in os.listdir(GUIDES) if name.endswith(".md"))
+
+
+def _runnable() -> list[str]:
+    return [name for name in _guides() if python_blocks(os.path.join(GUIDES, name))]
+
+
+def _env(guide: str) -> dict:
+    env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+|--xla_backend_optimization_level=\S+", "",
+                   env.get("XLA_FLAGS", "")).split()
+    flags.append(f"--xla_force_host_platform_device_count={DEVICES.get(guide, 1)}")
+    if guide in FAST_COMPILE:
+        flags.append("--xla_backend_optimization_level=0")
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def test_the_guides_exist():
+    assert set(WITH_SNIPPETS) <= set(_guides())
+    for name in WITH_SNIPPETS:
+        assert python_blocks(os.path.join(GUIDES, name)), f"{name} has no ```python block"
+
+
+@pytest.mark.parametrize("guide", _runnable())
+def test_guide_snippets_run(guide, tmp_path):
+    if guide in REQUIRES:
+        from conftest import require_modules
+
+        require_modules(*REQUIRES[guide])
+    # cwd: whatever a snippet writes by a relative path stays out of the checkout
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), os.path.join(GUIDES, guide)], cwd=tmp_path,
+                          env=_env(guide), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, f"docs/guides/{guide} failed (exit {proc.returncode}):\n{proc.stdout[-12000:]}"
+
+
+if __name__ == "__main__":  # one guide, in the subprocess a lane starts
+    run_guide(sys.argv[1])
