@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import shutil
 
 log = logging.getLogger("mkdocs.hooks.jdiff")
 
@@ -24,20 +23,33 @@ EXECUTED = os.path.join(ROOT, "build", "notebooks")
 
 def on_config(config, **kwargs):
     out = os.path.join(config["docs_dir"], "notebooks")
-    shutil.rmtree(out, ignore_errors=True)
-    os.makedirs(out)
+    os.makedirs(out, exist_ok=True)
     require = os.environ.get("JDIFF_DOCS_EXECUTED") == "1"
-    for source in sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb"))):
+    sources = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
+    for stale in set(os.listdir(out)) - {os.path.basename(p) for p in sources}:
+        os.remove(os.path.join(out, stale))
+    for source in sources:
         name = os.path.basename(source)
         executed = os.path.join(EXECUTED, name)
         if os.path.exists(executed) and os.path.getmtime(executed) >= os.path.getmtime(source):
-            shutil.copy(executed, os.path.join(out, name))
-        else:
-            if require:
-                log.error("notebook %s has no executed copy in %s newer than the source "
-                          "(run: python -m pytest -m slow tests/test_colab.py)", name, EXECUTED)
-            shutil.copy(source, os.path.join(out, name))
+            source = executed
+        elif require:
+            log.error("notebook %s has no executed copy in %s newer than the source "
+                      "(run: python -m pytest -m slow tests/test_colab.py)", name, EXECUTED)
+        _copy_if_changed(source, os.path.join(out, name))
     return config
+
+
+def _copy_if_changed(source, target):
+    """Copy only what changed: ``mkdocs serve`` watches docs/, and a rewrite would rebuild forever."""
+    with open(source, "rb") as f:
+        data = f.read()
+    if os.path.exists(target):
+        with open(target, "rb") as f:
+            if f.read() == data:
+                return
+    with open(target, "wb") as f:
+        f.write(data)
 
 
 INCLUDED = {"benchmarks.md": "BENCHMARKS.md", "reliability.md": "RELIABILITY.md"}
