@@ -308,12 +308,7 @@ def test_library_refuses(case, tmp_path, monkeypatch):
 def tiny_config(**overrides):
     c = tiny.get_config()
     c.sample.num = 4
-    for dotted, value in overrides.items():
-        *path, key = dotted.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        node[key] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

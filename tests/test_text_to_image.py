@@ -149,6 +149,16 @@ def test_step_batch_feeds_tokens(text_unet):
         network.step_batch({"image": data["image"]}, module)
 
 
+def _two_step_run(c, guidance: float):
+    """The run settings the text-to-image and unCLIP tests share: 2 training steps on a 20-step
+    linear schedule with label dropout, a 4-sample DDIM grid, no evaluation."""
+    c.diffusion.update(schedule="linear", num_timesteps=20, p_uncond=0.1)
+    c.optim.warmup_steps = 1
+    c.train.update(num_steps=2, log_every=1, checkpoint_every=2, sample_every=0)
+    c.sample.update(num=4, method="ddim", steps=4, guidance=guidance)
+    c.eval.update(num_samples=0, evaluator="", bpd_examples=0)
+
+
 def _text_config(**overrides):
     c = config_lib.base_config()
     c.data.name = "captioned_shapes"
@@ -159,27 +169,8 @@ def _text_config(**overrides):
     c.model.vocab_size = cap.Tokenizer().vocab_size
     for k, v in TINY.items():
         c.model[k] = v
-    c.diffusion.schedule = "linear"
-    c.diffusion.num_timesteps = 20
-    c.diffusion.p_uncond = 0.1
-    c.optim.warmup_steps = 1
-    c.train.num_steps = 2
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.train.sample_every = 0
-    c.sample.num = 4
-    c.sample.method = "ddim"
-    c.sample.steps = 4
-    c.sample.guidance = 2.0
-    c.eval.num_samples = 0
-    c.eval.evaluator = ""
-    c.eval.bpd_examples = 0
-    for k, v in overrides.items():
-        node = c
-        *path, key = k.split(".")
-        for p in path:
-            node = node[p]
-        node[key] = v
+    _two_step_run(c, guidance=2.0)
+    c.update_from_flattened_dict(overrides)
     return c
 
 

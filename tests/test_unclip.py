@@ -23,7 +23,7 @@ from jdiff.train import config as config_lib
 from jdiff.train.loop import train_and_evaluate
 from jdiff.unclip import StageSettings, text_embeddings, unclip
 from jdiff.workdir import load_for_sampling
-from test_text_to_image import _randomized
+from test_text_to_image import _randomized, _two_step_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 8
@@ -54,27 +54,12 @@ def _config(role: str, clip_dir: str):
         c.model.depth = 1
         c.model.context_dim = D
         c.diffusion.parameterization = "x0"  # as configs/shapes_unclip_prior.py
-        c.sample.num = 4
     else:
         for k, v in dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,), num_heads=2,
                          dropout=0.0, context_dim=D).items():
             c.model[k] = v
-        c.sample.num = 4
-    c.diffusion.schedule = "linear"
-    c.diffusion.num_timesteps = 20
-    c.diffusion.p_uncond = 0.1
-    c.optim.warmup_steps = 1
-    c.train.num_steps = 2
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.train.sample_every = 0
-    c.sample.method = "ddim"
-    c.sample.steps = 4
+    _two_step_run(c, guidance=1.0)
     c.sample.clip = role == "decoder"
-    c.sample.guidance = 1.0
-    c.eval.num_samples = 0
-    c.eval.evaluator = ""
-    c.eval.bpd_examples = 0
     return c
 
 
