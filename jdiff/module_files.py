@@ -19,7 +19,7 @@ import flax.serialization
 import jax
 import numpy as np
 
-__all__ = ["save_module", "load_module", "module_fields"]
+__all__ = ["save_module", "load_module", "read_info", "module_fields"]
 
 
 def module_fields(module: nn.Module) -> dict:
@@ -43,17 +43,25 @@ def save_module(directory: str, prefix: str, module: nn.Module, params: Any, inf
     return directory
 
 
-def load_module(directory: str, prefix: str, cls: type, init: Callable[[nn.Module, dict], Any],
-                what: str) -> tuple[Any, Any, dict]:
-    """``(module, params, info)`` from :func:`save_module`'s files; ``init(module, info)`` returns
-    the module's ``init`` variables (traced abstractly for the template). ``what`` names the writer in
-    the error for a directory without the files."""
+def read_info(directory: str, prefix: str, what: str) -> dict:
+    """``{"fields": ..., **info}`` of :func:`save_module`'s ``prefix.json``, without loading the
+    params or touching JAX (a dataset's shape, for example, is read off it before devices are
+    configured). ``what`` names the writer in the error for a directory without the files."""
     meta_path = os.path.join(str(directory), prefix + ".json")
     params_path = os.path.join(str(directory), prefix + ".msgpack")
     if not (os.path.isfile(meta_path) and os.path.isfile(params_path)):
         raise ValueError(f"workdir: {directory!r} has no {prefix}.json and {prefix}.msgpack; expected a directory written by {what}")
     with open(meta_path) as f:
-        info = json.load(f)
+        return json.load(f)
+
+
+def load_module(directory: str, prefix: str, cls: type, init: Callable[[nn.Module, dict], Any],
+                what: str) -> tuple[Any, Any, dict]:
+    """``(module, params, info)`` from :func:`save_module`'s files; ``init(module, info)`` returns
+    the module's ``init`` variables (traced abstractly for the template). ``what`` names the writer in
+    the error for a directory without the files."""
+    info = read_info(directory, prefix, what)
+    params_path = os.path.join(str(directory), prefix + ".msgpack")
     module = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["fields"].items()})
     template = jax.eval_shape(lambda: init(module, info))["params"]
     with open(params_path, "rb") as f:

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from jdiff.inference import generate
+from jdiff.train import clip as clip_lib
 
 __all__ = ["StageSettings", "text_embeddings", "unclip"]
 
@@ -52,8 +53,8 @@ def text_embeddings(clip_module, clip_params, tokens: np.ndarray, batch_size: in
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or not (tokens != 0).any(axis=1).all():
         raise ValueError(f"tokens: expected int ids [N, L] with at least one real token per caption, got shape "
                          f"{tokens.shape} dtype {tokens.dtype}")
-    fn = jax.jit(lambda i: clip_module.apply({"params": clip_params}, i, i != 0, method=clip_module.encode_text))
-    return np.concatenate([np.asarray(fn(tokens[s : s + batch_size])) for s in range(0, len(tokens), batch_size)])
+    return np.concatenate([np.asarray(clip_lib.encode_text(clip_module, clip_params, part, part != 0))
+                           for part in (tokens[s : s + batch_size] for s in range(0, len(tokens), batch_size))])
 
 
 def _sample(stage: StageSettings, num: int, key: jax.Array, context: np.ndarray, batch_size: int) -> np.ndarray:

@@ -48,7 +48,7 @@ def main(argv):
     common.configure_logging()
     config = adapt.resolve_base(_CONFIG.value)  # ControlNet / DreamBooth / LoRA: the base workdir's network
     # Before anything touches a device: the CPU device count, then jax.distributed.
-    common.configure_devices(config, data_lib.get_dataset(config.data).image_shape)
+    common.configure_devices(config, data_lib.image_shape_of(config.data))
     common.configure_compilation_cache()
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     metrics = train_and_evaluate(config, _WORKDIR.value, mesh=parallel.make_mesh(_NUM_DEVICES.value),

@@ -157,6 +157,23 @@ def test_mask_control_is_the_shapes_generators_own_mask():
     np.testing.assert_array_equal(ds.source["control"], ds.source["mask"].astype(np.float32))
 
 
+def test_image_shape_of_computes_no_control_images(monkeypatch):
+    """Sampling a ControlNet workdir reads its data shape only: no edges of the training set (on
+    Fashion-MNIST's 60,000 images, about 30 s of Canny per load before image_shape_of skipped it)."""
+    from jdiff.data import image_shape_of
+
+    config = {"name": "fashion_mnist_sample", "control": "canny"}
+    want = get_dataset(config).image_shape
+
+    def refused(*a, **kw):
+        raise AssertionError("image_shape_of computed control images")
+
+    monkeypatch.setattr(controls, "from_config", refused)
+    assert image_shape_of(config) == want == (28, 28, 1)
+    with pytest.raises(ValueError, match=r"control: expected '' or one of \('canny', 'mask'\), got 'edges'"):
+        image_shape_of({**config, "control": "edges"})
+
+
 def test_edge_f1_and_mask_iou_against_hand_counts():
     t = np.zeros((1, 6, 6), bool)
     t[0, 2, 1:5] = True  # 4 target edge pixels on row 2

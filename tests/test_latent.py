@@ -38,6 +38,24 @@ def autoencoder(tmp_path_factory):
     return directory, module, params, scale, images
 
 
+def test_image_shape_of_reads_the_autoencoder_json_and_encodes_nothing(autoencoder, monkeypatch):
+    """The latent shape get_dataset gives, read off the autoencoder's JSON: sampling a latent
+    workdir does not encode its training set (nor touch JAX before a launch command sets devices)."""
+    from jdiff.data import image_shape_of
+
+    directory = autoencoder[0]
+    want = get_dataset({**DATA, "autoencoder": directory}).image_shape
+
+    def refused(*a, **kw):
+        raise AssertionError("image_shape_of encoded the dataset or loaded the autoencoder")
+
+    monkeypatch.setattr(latent, "encode", refused)
+    monkeypatch.setattr(latent, "load_autoencoder", refused)
+    assert image_shape_of({**DATA, "autoencoder": directory}) == want == (8, 8, 4)
+    with pytest.raises(ValueError, match=r"was trained on \(16, 16, 3\) images, dataset 'captioned_shapes' has \(32, 32, 3\)"):
+        image_shape_of({**DATA, "resolution": 32, "autoencoder": directory})
+
+
 def test_shapes_and_factor(autoencoder):
     _, module, params, _, images = autoencoder
     mean, logvar = module.apply({"params": params}, images[:3], method=Autoencoder.encode)

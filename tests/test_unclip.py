@@ -100,6 +100,27 @@ def test_clip_embedded_datasets(trained, tmp_path):
             get_dataset(cfg)
 
 
+def test_image_shape_of_reads_the_clip_json_and_embeds_nothing(trained, monkeypatch):
+    """A prior's (1, 1, D) and a decoder's image shape, as get_dataset gives them, without embedding
+    the dataset (sampling an unCLIP workdir reads only this shape) or loading the CLIP."""
+    from jdiff.data import image_shape_of
+
+    clip_dir = trained[0]
+    want = {role: get_dataset({**DATA, "clip_workdir": clip_dir, "clip_embeddings": role}).image_shape
+            for role in ("prior", "decoder")}
+
+    def refused(*a, **kw):
+        raise AssertionError("image_shape_of embedded the dataset or loaded the CLIP")
+
+    monkeypatch.setattr(clip_lib, "embed", refused)
+    monkeypatch.setattr(clip_lib, "load_clip", refused)
+    for role in ("prior", "decoder"):
+        assert image_shape_of({**DATA, "clip_workdir": clip_dir, "clip_embeddings": role}) == want[role]
+    assert want["prior"] == (1, 1, D)
+    with pytest.raises(ValueError, match="clip_workdir: clip_embeddings='prior' needs a CLIP workdir"):
+        image_shape_of({**DATA, "clip_embeddings": "prior"})
+
+
 def test_embedding_prior_network():
     net = EmbeddingPrior(width=16, depth=2, context_dim=D)
     x = np.random.default_rng(0).normal(size=(3, 1, 1, D)).astype(np.float32)

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jdiff import module_files
 from jdiff.data import captions as captions_lib
 from jdiff.data import controls as controls_lib
 from jdiff.data import digits as digits_lib
@@ -93,22 +94,11 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
     Returns:
       A :class:`Dataset`; images are float32 in [-1, 1], labels int32.
     """
-    if not hasattr(config, "get"):
-        raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
-    control = config.get("control", "") or ""
-    if control and control not in controls_lib.CONTROL_KINDS:
-        raise ValueError(f"control: expected '' or one of {controls_lib.CONTROL_KINDS}, got {control!r}")
+    control, clip_role, autoencoder = _derived(config)
     dataset = _get_dataset(config, split)
-    clip_role = config.get("clip_embeddings", "") or ""
     if clip_role:
         dataset = _with_clip(dataset, config.get("clip_workdir", "") or "", clip_role)
-    autoencoder = config.get("autoencoder", "") or ""
-    if autoencoder and clip_role:
-        raise ValueError(f"autoencoder: {autoencoder!r} with clip_embeddings={clip_role!r}; expected one of them")
     if autoencoder:
-        if control:
-            raise ValueError(f"control: {control!r} with autoencoder {autoencoder!r}; a latent ControlNet is not supported, "
-                             "expected control=''")
         dataset = _encoded(dataset, autoencoder)
     if not control:
         return dataset
@@ -118,6 +108,28 @@ def get_dataset(config: Any, split: str | None = None) -> Dataset:
     source = dict(dataset.source)
     source["control"] = controls_lib.from_config(config, source["image"])
     return dataset._replace(source=source)
+
+
+def _derived(config: Any) -> tuple[str, str, str]:
+    """``(control, clip_embeddings, autoencoder)`` of a data section, checked: what
+    :func:`get_dataset` derives from the images."""
+    if not hasattr(config, "get"):
+        raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
+    control = config.get("control", "") or ""
+    if control and control not in controls_lib.CONTROL_KINDS:
+        raise ValueError(f"control: expected '' or one of {controls_lib.CONTROL_KINDS}, got {control!r}")
+    clip_role = config.get("clip_embeddings", "") or ""
+    if clip_role and clip_role not in CLIP_ROLES:
+        raise ValueError(f"clip_embeddings: expected '' or one of {CLIP_ROLES}, got {clip_role!r}")
+    if clip_role and not (config.get("clip_workdir", "") or ""):
+        raise ValueError(f"clip_workdir: clip_embeddings={clip_role!r} needs a CLIP workdir (launch.train_clip), got ''")
+    autoencoder = config.get("autoencoder", "") or ""
+    if autoencoder and clip_role:
+        raise ValueError(f"autoencoder: {autoencoder!r} with clip_embeddings={clip_role!r}; expected one of them")
+    if autoencoder and control:
+        raise ValueError(f"control: {control!r} with autoencoder {autoencoder!r}; a latent ControlNet is not supported, "
+                         "expected control=''")
+    return control, clip_role, autoencoder
 
 
 CLIP_ROLES = ("decoder", "prior")
@@ -161,22 +173,45 @@ def _encoded(dataset: Dataset, directory: str) -> Dataset:
         raise ValueError(f"autoencoder: latents are computed from in-memory arrays; dataset {dataset.name!r} is a TFDS "
                          "source (convert it to an 'arrays' .npz first)")
     module, params, info = latent.load_autoencoder(directory)
-    if tuple(info["image_shape"]) != tuple(dataset.image_shape):
-        raise ValueError(f"autoencoder: {directory!r} was trained on {tuple(info['image_shape'])} images, dataset "
-                         f"{dataset.name!r} has {tuple(dataset.image_shape)}")
+    _check_autoencoder_shape(info, directory, dataset.image_shape, dataset.name)
     source = dict(dataset.source)
     source["image"] = latent.encode(module, params, source["image"], info["scale"])
     return dataset._replace(source=source, image_shape=tuple(source["image"].shape[1:]))
 
 
+def _check_autoencoder_shape(info: dict, directory: str, image_shape: tuple, name: str) -> None:
+    if tuple(info["image_shape"]) != tuple(image_shape):
+        raise ValueError(f"autoencoder: {directory!r} was trained on {tuple(info['image_shape'])} images, dataset "
+                         f"{name!r} has {tuple(image_shape)}")
+
+
 def image_shape_of(config: Any) -> tuple[int, int, int]:
     """``(H, W, C)`` of a data section: ``image_shape`` when it is set (an imported model's
-    workdir, which has no dataset), else the dataset's (:func:`get_dataset`)."""
+    workdir, which has no dataset), else that of :func:`get_dataset`'s images, without deriving
+    anything from them: control images and a decoder's CLIP embeddings keep the images' shape, a
+    CLIP prior's embeddings are ``(1, 1, D)`` and latents ``(H/f, W/f, c)``, both read off the CLIP
+    or autoencoder directory's JSON. So sampling a ControlNet, unCLIP or latent workdir does not
+    compute edges, embeddings or latents of its whole training set, and JAX is not touched (a
+    launch command reads the shape before it configures devices)."""
     if not hasattr(config, "get"):
         raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
     shape = tuple(config.get("image_shape", ()) or ())
     if not shape:
-        return tuple(get_dataset(config).image_shape)
+        _, clip_role, autoencoder = _derived(config)
+        shape = tuple(_get_dataset(config, None).image_shape)
+        if clip_role == "prior":
+            from jdiff.train.clip import CLIP_PREFIX
+
+            meta = module_files.read_info(config.get("clip_workdir", "") or "", CLIP_PREFIX, "launch.train_clip")
+            return (1, 1, int(meta["fields"]["embed_dim"]))
+        if autoencoder:
+            from jdiff.latent import AUTOENCODER_PREFIX
+
+            meta = module_files.read_info(autoencoder, AUTOENCODER_PREFIX, "launch.train_autoencoder")
+            _check_autoencoder_shape(meta, autoencoder, shape, config.get("name"))
+            f = 2 ** (len(meta["fields"]["channel_mult"]) - 1)
+            return (shape[0] // f, shape[1] // f, int(meta["fields"]["latent_channels"]))
+        return shape
     if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"image_shape: expected () or (H, W, C) positive ints, got {shape!r}")
     return tuple(int(s) for s in shape)

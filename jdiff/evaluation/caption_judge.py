@@ -15,6 +15,7 @@ applies it; :func:`caption_accuracy` scores images against captions or scenes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -102,7 +103,8 @@ def train_judge(resolution: int = 32, num_steps: int = 1500, batch_size: int = 6
     seed: training seeds are non-negative steps).
     """
     module = CaptionJudge()
-    params = module.init(jax.random.key(seed), jnp.zeros((1, resolution, resolution, 3)))["params"]
+    # Jitted: one compiled program, not one per operation of an eager init.
+    params = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, resolution, resolution, 3)))["params"]
     opt = optax.adam(optax.cosine_decay_schedule(learning_rate, num_steps))  # decays to 0: a stable end
     state = opt.init(params)
 
@@ -127,14 +129,19 @@ def read_scenes(module: CaptionJudge, params: Any, images: np.ndarray, batch_siz
     """The judge's reading of ``images`` [N, R, R, 3] in [-1, 1]: per quadrant, whether an object
     is there and its colour, shape and size (-1 where it sees none)."""
     images = np.asarray(images, np.float32)
-    apply = jax.jit(lambda x: module.apply({"params": params}, x))
     parts = []
     for start in range(0, len(images), batch_size):
-        out = apply(images[start : start + batch_size])
+        out = _apply(module, params, images[start : start + batch_size])
         parts.append({k: np.asarray(jnp.argmax(v, axis=-1)) for k, v in out.items()})
     read = {k: np.concatenate([p[k] for p in parts]) for k in _HEADS}
     present = read["present"].astype(bool)
     return QuadrantTargets(present, *(np.where(present, read[k], -1).astype(np.int32) for k in ATTRIBUTES))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module: CaptionJudge, params: Any, x: jax.Array) -> dict:
+    # Params as an argument: one compile per batch shape for every call and every judge.
+    return module.apply({"params": params}, x)
 
 
 def _head_accuracy(read: QuadrantTargets, want: QuadrantTargets) -> dict[str, float]:

@@ -103,7 +103,7 @@ def resolve_base(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                          f"config.base_workdir, got {name!r}")
     base_shape = data_lib.image_shape_of({**_plain(base.data), "control": ""})
     own_data = {**_plain(config.data), "control": ""}
-    shape = tuple(data_lib.get_dataset(own_data).image_shape)
+    shape = data_lib.image_shape_of(own_data)
     if shape != base_shape:
         raise ValueError(f"config.base_workdir: {base_dir!r} was trained on {base_shape} images, but config.data "
                          f"({config.data.name!r}) gives {shape}; expected the same image shape")

@@ -62,8 +62,9 @@ def train_autoencoder(data_config: Any, num_steps: int = 2000, batch_size: int =
                          "expected a data section without one")
     train = get_dataset(data_config, split="train")
     module = Autoencoder(image_channels=train.image_shape[-1], **fields)
-    params = module.init({"params": jax.random.key(seed)}, jnp.zeros((1,) + tuple(train.image_shape)),
-                         jax.random.key(0))["params"]
+    # Jitted: one compiled program, not one per operation of an eager init.
+    params = jax.jit(module.init)({"params": jax.random.key(seed)}, jnp.zeros((1,) + tuple(train.image_shape)),
+                                  jax.random.key(0))["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, num_steps // 10 + 1), num_steps)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
     state = opt.init(params)

@@ -14,6 +14,7 @@ so a run is a pure function of its arguments.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -25,7 +26,7 @@ from jdiff import diffusion, module_files, schedules
 from jdiff.data import captions as cap
 from jdiff.models.text import CLIP
 
-__all__ = ["clip_loss", "train_clip", "retrieval_accuracy", "embed", "save_clip", "load_clip", "CLIP_FILE", "CLIP_CONFIG_FILE"]
+__all__ = ["clip_loss", "train_clip", "retrieval_accuracy", "embed", "encode_text", "save_clip", "load_clip", "CLIP_FILE", "CLIP_CONFIG_FILE"]
 
 CLIP_PREFIX = "clip"
 CLIP_FILE = CLIP_PREFIX + ".msgpack"
@@ -65,7 +66,8 @@ def train_clip(num_steps: int = 1000, batch_size: int = 64, resolution: int = 32
         schedule = schedules.cosine(1000)
     module = CLIP(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length, **fields)
     images, ids, mask = _batch(0, seed, 2, resolution, tokenizer)
-    params = module.init(jax.random.key(seed), images, jnp.zeros((2,), jnp.int32), ids, mask)["params"]
+    # Jitted: one compiled program, not one per operation of an eager init.
+    params = jax.jit(module.init)(jax.random.key(seed), images, jnp.zeros((2,), jnp.int32), ids, mask)["params"]
     opt = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, num_steps // 10 + 1), num_steps),
                       weight_decay=1e-4)
     state = opt.init(params)
@@ -98,14 +100,26 @@ def train_clip(num_steps: int = 1000, batch_size: int = 64, resolution: int = 32
 def embed(module: CLIP, params: Any, images: np.ndarray, t: np.ndarray, ids: np.ndarray, mask: np.ndarray,
           batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
     """Unit image and text embeddings ``([N, D], [N, D])`` in batches."""
-    img = jax.jit(lambda x, t: module.apply({"params": params}, x, t, method=CLIP.encode_image))
-    txt = jax.jit(lambda i, m: module.apply({"params": params}, i, m, method=CLIP.encode_text))
     ie, te = [], []
     for s in range(0, len(images), batch_size):
         sl = slice(s, s + batch_size)
-        ie.append(np.asarray(img(images[sl], t[sl])))
-        te.append(np.asarray(txt(ids[sl], mask[sl])))
+        ie.append(np.asarray(_encode_image(module, params, images[sl], t[sl])))
+        te.append(np.asarray(encode_text(module, params, ids[sl], mask[sl])))
     return np.concatenate(ie), np.concatenate(te)
+
+
+# The module is static (hashable) and the params an argument: one compile per module and batch
+# shape, shared by every call (a jitted closure over the params would compile again per call).
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_image(module: CLIP, params: Any, x: jax.Array, t: jax.Array) -> jax.Array:
+    return module.apply({"params": params}, x, t, method=CLIP.encode_image)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode_text(module: CLIP, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """``module.encode_text`` jitted with the params as an argument: unit text embeddings ``[B, D]``
+    of token ids ``[B, L]`` with their mask ``[B, L]`` (True = a real token)."""
+    return module.apply({"params": params}, ids, mask, method=CLIP.encode_text)
 
 
 def retrieval_accuracy(image_emb: np.ndarray, text_emb: np.ndarray, texts: list[str]) -> dict[str, float]:
