@@ -19,7 +19,7 @@ import flax.serialization
 import jax
 import numpy as np
 
-__all__ = ["save_module", "load_module", "read_info", "module_fields"]
+__all__ = ["save_module", "load_module", "read_info", "module_from_info", "module_fields"]
 
 
 def module_fields(module: nn.Module) -> dict:
@@ -55,6 +55,12 @@ def read_info(directory: str, prefix: str, what: str) -> dict:
         return json.load(f)
 
 
+def module_from_info(cls: type, info: dict) -> nn.Module:
+    """The module :func:`save_module` wrote, rebuilt from its ``info["fields"]`` (JSON lists back to
+    tuples); no params, no JAX."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["fields"].items()})
+
+
 def load_module(directory: str, prefix: str, cls: type, init: Callable[[nn.Module, dict], Any],
                 what: str) -> tuple[Any, Any, dict]:
     """``(module, params, info)`` from :func:`save_module`'s files; ``init(module, info)`` returns
@@ -62,7 +68,7 @@ def load_module(directory: str, prefix: str, cls: type, init: Callable[[nn.Modul
     the error for a directory without the files."""
     info = read_info(directory, prefix, what)
     params_path = os.path.join(str(directory), prefix + ".msgpack")
-    module = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["fields"].items()})
+    module = module_from_info(cls, info)
     template = jax.eval_shape(lambda: init(module, info))["params"]
     with open(params_path, "rb") as f:
         params = flax.serialization.from_bytes(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), template), f.read())

@@ -136,11 +136,8 @@ CLIP_ROLES = ("decoder", "prior")
 
 
 def _with_clip(dataset: Dataset, directory: str, role: str) -> Dataset:
-    """unCLIP's data: ``dataset`` with CLIP embeddings (see the module docstring's clip_embeddings)."""
-    if role not in CLIP_ROLES:
-        raise ValueError(f"clip_embeddings: expected '' or one of {CLIP_ROLES}, got {role!r}")
-    if not directory:
-        raise ValueError(f"clip_workdir: clip_embeddings={role!r} needs a CLIP workdir (launch.train_clip), got ''")
+    """unCLIP's data: ``dataset`` with CLIP embeddings (see the module docstring's clip_embeddings);
+    ``role`` and ``directory`` checked by :func:`_derived`."""
     if not isinstance(dataset.source, dict) or "tokens" not in dataset.source:
         raise ValueError(f"clip_embeddings: {role!r} needs a captioned in-memory dataset ('captioned_shapes'), got "
                          f"{dataset.name!r}")
@@ -200,17 +197,19 @@ def image_shape_of(config: Any) -> tuple[int, int, int]:
         _, clip_role, autoencoder = _derived(config)
         shape = tuple(_get_dataset(config, None).image_shape)
         if clip_role == "prior":
+            from jdiff.models.text import CLIP
             from jdiff.train.clip import CLIP_PREFIX
 
-            meta = module_files.read_info(config.get("clip_workdir", "") or "", CLIP_PREFIX, "launch.train_clip")
-            return (1, 1, int(meta["fields"]["embed_dim"]))
+            info = module_files.read_info(config.get("clip_workdir", "") or "", CLIP_PREFIX, "launch.train_clip")
+            return (1, 1, int(module_files.module_from_info(CLIP, info).embed_dim))
         if autoencoder:
             from jdiff.latent import AUTOENCODER_PREFIX
+            from jdiff.models.autoencoder import Autoencoder
 
-            meta = module_files.read_info(autoencoder, AUTOENCODER_PREFIX, "launch.train_autoencoder")
-            _check_autoencoder_shape(meta, autoencoder, shape, config.get("name"))
-            f = 2 ** (len(meta["fields"]["channel_mult"]) - 1)
-            return (shape[0] // f, shape[1] // f, int(meta["fields"]["latent_channels"]))
+            info = module_files.read_info(autoencoder, AUTOENCODER_PREFIX, "launch.train_autoencoder")
+            _check_autoencoder_shape(info, autoencoder, shape, config.get("name"))
+            ae = module_files.module_from_info(Autoencoder, info)
+            return (shape[0] // ae.factor, shape[1] // ae.factor, int(ae.latent_channels))
         return shape
     if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"image_shape: expected () or (H, W, C) positive ints, got {shape!r}")
