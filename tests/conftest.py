@@ -31,6 +31,25 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # at float32 tolerances either way); the benchmarks, and users, compile with XLA's defaults.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# And with XLA:CPU's older LLVM IR emitters instead of its MLIR fusion emitters: a compile of the tiny
+# U-Net's train step or sampler takes about half the CPU (benchmarks/compile_flags.py), the programs
+# run about as fast. Same caveat as -O0: float32 rounding moves in the last bits.
+FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether this jaxlib knows ``flag`` (XLA aborts the process on an unknown flag in XLA_FLAGS):
+    a JAX started with it, in a subprocess (~2 s, once per run: the workers inherit the result)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True)
+    return probe.returncode == 0
+
+
+if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") and _xla_accepts(FAST_COMPILE_FLAG):
+    os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " " + FAST_COMPILE_FLAG
 
 import jax  # noqa: E402
 

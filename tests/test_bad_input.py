@@ -10,17 +10,18 @@ which must name the argument, its bad value and what was expected. Each is check
 - nothing is written: the files and directories (sizes and mtimes) under the test's tmp dir,
   which is also the working directory, are the same before and after.
 
-Command-line rows run ``python -m launch.*`` in subprocesses, concurrently, against one tiny
-workdir trained for the module; each must exit non-zero, name the flag on stderr and leave its
-``--out`` (or ``--workdir``) unwritten. The scattered per-module tests check many of the same
-messages; this file adds the compile and disk checks and keeps them in one place.
+Command-line rows run the ``launch.*`` commands in subprocesses, concurrently, against one tiny
+workdir trained for the module: one process per command, which runs its rows in turn through
+the command's own ``app.run(main)`` (``tests/commands.py``; a fresh process costs seconds of
+imports, a row none); each must exit non-zero, name the flag on stderr and leave its ``--out``
+(or ``--workdir``) unwritten. The scattered per-module tests check many of the same messages;
+this file adds the compile and disk checks and keeps them in one place.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from typing import Any, Callable, NamedTuple
 
@@ -34,6 +35,8 @@ from PIL import Image
 import jdiff
 from jdiff import diffusion, editing, guidance, inference, losses, metrics, parallel, samplers, schedules
 from jdiff.train import loop
+
+from commands import finish_commands, start_commands  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -402,9 +405,10 @@ def _write_inputs(d):
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
-    """{case id: (returncode, stderr, out path)} of every CLI row, and whether the inputs and the
-    workdir were left as they were. The workdir is configs/tiny.py trained for a step; the rows
-    that do not read it run while it trains, the others all at once after."""
+    """{case id: (returncode, stderr, XLA compiles, out path)} of every CLI row, and whether the
+    inputs and the workdir were left as they were. The workdir is configs/tiny.py trained for a
+    step; the commands whose rows do not read it run while it trains, the others after (one
+    process per command: tests/commands.py)."""
     inputs, outputs = tmp_path_factory.mktemp("inputs"), tmp_path_factory.mktemp("outputs")
     _write_inputs(inputs)
     workdir = tmp_path_factory.mktemp("tiny") / "workdir"
@@ -412,27 +416,30 @@ def cli_runs(tmp_path_factory):
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     inputs_before = disk_state(inputs)
 
-    def start(case):
+    def argv(case):
         out = outputs / case.id / case.out
-        args = [a.format(w=workdir, d=inputs, o=out) for a in case.args]
+        args = [a.format(w=workdir, d=inputs, o=out) for a in case.args[1:]]
         if not any("{o}" in a for a in case.args):
             args += ["--out", str(out)]
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        return proc, out
+        return args
 
-    needs_workdir = lambda case: any("{w}" in a for a in case.args)  # noqa: E731
-    procs = {c.id: start(c) for c in CLI_CASES if not needs_workdir(c)}
+    def start(module):
+        cases = [c for c in CLI_CASES if c.args[0] == module]
+        return cases, start_commands(module, [argv(c) for c in cases], env)
+
+    needs_workdir = lambda module: any("{w}" in a for c in CLI_CASES if c.args[0] == module for a in c.args)  # noqa: E731
+    modules = list(dict.fromkeys(c.args[0] for c in CLI_CASES))
+    procs = [start(m) for m in modules if not needs_workdir(m)]
     try:
         loop.train_and_evaluate(tiny_config(**{"train.num_steps": 1}), str(workdir))  # one step: one checkpoint
         workdir_before = disk_state(workdir)
-        procs.update({c.id: start(c) for c in CLI_CASES if needs_workdir(c)})
+        procs += [start(m) for m in modules if needs_workdir(m)]
         runs = {}
-        for case_id, (proc, out) in procs.items():
-            _, stderr = proc.communicate(timeout=300)
-            runs[case_id] = (proc.returncode, stderr, out)
+        for cases, proc in procs:
+            for case, (returncode, stderr, compiles) in zip(cases, finish_commands(proc), strict=True):
+                runs[case.id] = (returncode, stderr, compiles, outputs / case.id / case.out)
     finally:
-        for proc, _ in procs.values():
+        for _, proc in procs:
             if proc.poll() is None:
                 proc.kill()
     unchanged = disk_state(inputs) == inputs_before and disk_state(workdir) == workdir_before
@@ -442,8 +449,9 @@ def cli_runs(tmp_path_factory):
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
 def test_command_line_refuses(case, cli_runs):
     runs, unchanged = cli_runs
-    returncode, stderr, out = runs[case.id]
+    returncode, stderr, compiles, out = runs[case.id]
     assert returncode != 0, stderr[-2000:]
+    assert compiles == 0, f"{compiles} XLA programs compiled before the refusal"
     assert case.match.split(":")[0] in stderr, stderr[-2000:]  # the flag, by name
     assert re.search(case.match, stderr), stderr[-2000:]
     assert not os.path.exists(out) and not os.path.exists(out.parent), f"{out} was written"

@@ -13,7 +13,11 @@ Q = cj.QuadrantTargets
 
 @pytest.fixture(scope="module")
 def judge():
-    return cj.train_judge(num_steps=400)  # ~20 s on 2 cores; 1,000 (the default) gives >= 99.9%
+    # 400 steps of 32 scenes at a peak rate of 3e-3: half the compute of 400 steps of 64 at the
+    # default 2e-3, and further above the bars (measured: held-out shape accuracy 0.9993, the
+    # lowest head, was 0.9954; on the test's 300 scenes caption 0.9967 and object 0.9977, were
+    # 0.9933 and 0.9955). The default is 1,500 steps of 64.
+    return cj.train_judge(num_steps=400, batch_size=32, learning_rate=3e-3)
 
 
 def _scene(rows):

@@ -23,6 +23,7 @@ from jdiff.train import network, transforms
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import fashion_mnist_base14, fashion_mnist_sr  # noqa: E402
+from commands import run_commands  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +186,8 @@ def test_the_configs_build_their_networks_and_inputs():
         assert c.data.transform_kwargs.max_aug_level == level
         model = network.build_model(c)
         assert model.image_channels == 1 and model.aug_level_embedding and model.num_classes == 10
-        batch = network.example_batch(model, (28, 28, 1), network.make_transform(c))
+        # Shapes only: the transform's ops need not compile, one by one, for each config.
+        batch = jax.eval_shape(lambda: network.example_batch(model, (28, 28, 1), network.make_transform(c)))
         assert batch["cond"]["image"].shape == (1, 28, 28, 1) and batch["cond"]["aug_level"].shape == (1,)
     for arg in ("small", None):
         c = fashion_mnist_base14.get_config(arg)
@@ -355,6 +357,7 @@ CLI_CASES = [
 
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory):
+    """{case id: (launch.sample's exit code, its stderr, the XLA compiles meanwhile, its --out path)}."""
     d = tmp_path_factory.mktemp("cascade_cli")
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(d / "img28.png")
     Image.fromarray(np.zeros((14, 14), np.uint8)).save(d / "img14.png")
@@ -363,27 +366,19 @@ def cli_runs(tmp_path_factory):
     dirs = {"b": _fake_workdir(d / "base14", fashion_mnist_base14.get_config("small")),
             "s": _fake_workdir(d / "sr", fashion_mnist_sr.get_config("small")),
             "f": _fake_workdir(d / "base28", c28), "d": str(d)}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    procs = {}
-    for case_id, args, _ in CLI_CASES:
-        out = d / "out" / case_id / "x.png"
-        argv = [a.format(**dirs) for a in args] + ["--out", str(out)]
-        procs[case_id] = (subprocess.Popen([sys.executable, "-m", "launch.sample", *argv], cwd=ROOT, env=env,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
-    runs = {}
-    for case_id, (proc, out) in procs.items():
-        _, stderr = proc.communicate(timeout=300)
-        runs[case_id] = (proc.returncode, stderr, out)
-    return runs
+    outs = {case_id: d / "out" / case_id / "x.png" for case_id, _, _ in CLI_CASES}
+    argvs = [[a.format(**dirs) for a in args] + ["--out", str(outs[case_id])] for case_id, args, _ in CLI_CASES]
+    results = run_commands("launch.sample", argvs, timeout=600)
+    return {case_id: (*res, outs[case_id]) for (case_id, _, _), res in zip(CLI_CASES, results, strict=True)}
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_command_line_refuses_bad_cascades(case, cli_runs):
     case_id, _, match = case
-    returncode, stderr, out = cli_runs[case_id]
+    returncode, stderr, compiled, out = cli_runs[case_id]
     assert returncode != 0, stderr[-2000:]
     assert re.search(match, stderr), stderr[-2000:]
+    assert compiled == 0, f"{compiled} XLA compiles before the error"
     assert not out.parent.exists(), f"{out} was written"
 
 

@@ -36,7 +36,9 @@ def trained():
     module = NoiseAwareClassifier.from_config(c.model)
     schedule = config_lib.make_schedule(c)
     opt = make_optimizer(c.optim)
-    state = create_train_state(clf.init_classifier(module, (8, 8, 1), jax.random.key(0)), opt, jax.random.key(1))
+    # Each jitted: op by op, every initialiser and optimizer-state leaf would compile on its own.
+    params = jax.jit(clf.init_classifier, static_argnums=(0, 1))(module, (8, 8, 1), jax.random.key(0))
+    state = jax.jit(create_train_state, static_argnums=1)(params, opt, jax.random.key(1))
     apply = lambda p, x, t, train=False, rngs=None: module.apply({"params": p}, x, t, train=train, rngs=rngs)  # noqa: E731
     step = jax.jit(clf.make_classifier_train_step(apply, schedule, opt, c))
     ds = data_lib.get_dataset(c.data)
@@ -60,17 +62,24 @@ def test_training_learns_to_classify_noisy_digits(trained):
 
 def test_log_prob_fn_feeds_classifier_guidance(trained):
     module, state, schedule, _ = trained
-    lp = clf.log_prob_fn(module, state.params)
     x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
     t = jnp.full((4,), 10, jnp.int32)
     y = jnp.arange(4)
-    logits = module.apply({"params": state.params}, x, t)
-    np.testing.assert_allclose(lp(x, t, y), jax.nn.log_softmax(logits)[jnp.arange(4), y], rtol=1e-5, atol=1e-6)
-    uncond = lambda x_t, t_: jnp.zeros_like(x_t)  # noqa: E731
-    guided = guidance.classifier(uncond, lp, 2.0, schedule)
-    grad = jax.grad(lambda xx: lp(xx, t, y).sum())(x)
-    sqrt_1m = jnp.sqrt(1 - schedule.alphas_cumprod[10])
-    np.testing.assert_allclose(guided(x, t, y), -2.0 * sqrt_1m * grad, rtol=1e-4, atol=1e-6)
+
+    # One program: op by op, the classifier's forward and backward passes would compile per op.
+    @jax.jit
+    def computed(params, x, t, y):
+        lp = clf.log_prob_fn(module, params)
+        logits = module.apply({"params": params}, x, t)
+        uncond = lambda x_t, t_: jnp.zeros_like(x_t)  # noqa: E731
+        guided = guidance.classifier(uncond, lp, 2.0, schedule)
+        grad = jax.grad(lambda xx: lp(xx, t, y).sum())(x)
+        return lp(x, t, y), jax.nn.log_softmax(logits)[jnp.arange(4), y], guided(x, t, y), grad
+
+    lp, want, guided, grad = computed(state.params, x, t, y)
+    np.testing.assert_allclose(lp, want, rtol=1e-5, atol=1e-6)
+    sqrt_1m = np.sqrt(1 - np.asarray(schedule.alphas_cumprod)[10])
+    np.testing.assert_allclose(guided, -2.0 * sqrt_1m * grad, rtol=1e-4, atol=1e-6)
 
 
 def test_train_classifier_writes_resumes_and_checks_the_mesh(tmp_path):

@@ -17,7 +17,7 @@ def encoder():
     enc = TextEncoder(vocab_size=30, max_length=8, width=16, layers=2, heads=2)
     ids = np.array([[3, 4, 5, 0, 0, 0], [7, 8, 9, 10, 11, 12]], np.int32)
     mask = ids > 0
-    params = enc.init(jax.random.key(0), ids, mask)["params"]
+    params = jax.jit(enc.init)(jax.random.key(0), ids, mask)["params"]  # one program, not one per operation
     return enc, params, jax.jit(lambda p, i, m: enc.apply({"params": p}, i, m)), ids, mask
 
 
@@ -71,7 +71,7 @@ def test_clip_loss_is_symmetric_infonce():
         return np.mean([np.log(np.exp(r).sum()) - r[k] for k, r in enumerate(rows)])
 
     want = 0.5 * (ce(logits) + ce(logits.T))
-    got = float(tc.clip_loss(jnp.asarray(i, jnp.float32), jnp.asarray(t, jnp.float32), jnp.float32(s)))
+    got = float(jax.jit(tc.clip_loss)(jnp.asarray(i, jnp.float32), jnp.asarray(t, jnp.float32), jnp.float32(s)))
     assert abs(got - want) <= 1e-5 * max(1.0, abs(want))
 
 
@@ -82,7 +82,8 @@ def test_clip_embeddings_are_unit_vectors():
     ids, mask = tok.encode(cap.captions(scene))
     model = CLIP(vocab_size=tok.vocab_size, max_length=tok.max_length, embed_dim=8, text_width=16, text_heads=2,
                  image_channels_base=8)
-    params = model.init(jax.random.key(0), images, jnp.zeros((3,), jnp.int32), ids, mask)["params"]
+    # Jitted: an eager init compiles each of its operations separately (~10 s of the test).
+    params = jax.jit(model.init)(jax.random.key(0), images, jnp.zeros((3,), jnp.int32), ids, mask)["params"]
     ie, te, scale = jax.jit(lambda p: model.apply({"params": p}, images, jnp.zeros((3,), jnp.int32), ids, mask))(params)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(ie), axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(te), axis=1), 1.0, atol=1e-5)
@@ -101,11 +102,14 @@ def test_retrieval_accuracy_by_hand():
 
 @pytest.mark.slow
 def test_clip_learns_zero_shot_retrieval():
-    """200 steps of a small CLIP: held-out image -> caption retrieval among 100 (chance ~1%)."""
-    model, params, _ = tc.train_clip(num_steps=200, batch_size=32, image_channels_base=16, text_width=32, embed_dim=32,
-                                     text_heads=2)
+    """200 steps of a small CLIP on 16x16 scenes (launch.train_clip's default size): held-out
+    image -> caption retrieval among 100 (chance ~1%)."""
+    # Measured: 0.77 image -> text and 0.84 text -> image, for a third of the CPU of 32x32 scenes
+    # (0.83 and 0.84).
+    model, params, _ = tc.train_clip(num_steps=200, batch_size=32, resolution=16, image_channels_base=16, text_width=32,
+                                     embed_dim=32, text_heads=2)
     scene = cap.scenes(100, seed=[99, 1])
-    images, _ = cap.render_scenes(scene, 32)
+    images, _ = cap.render_scenes(scene, 16)
     texts = cap.captions(scene)
     ids, mask = cap.Tokenizer().encode(texts)
     ie, te = tc.embed(model, params, images, np.zeros(100, np.int32), ids, mask)

@@ -28,6 +28,7 @@ from jdiff.workdir import load_for_sampling
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import fashion_mnist, fashion_mnist_controlnet  # noqa: E402
+from commands import run_commands  # noqa: E402
 
 FIELDS = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_classes=3,
               dropout=0.0)
@@ -92,8 +93,11 @@ def test_scaled_and_composed_controls_equal_an_independent_assembly(nets):
     trained = _perturb(nets["params"]["control_0"], 7)
     c1, c2 = nets["control"], 1.0 - nets["control"][..., :1]
     cn1 = nets["cn"].clone(control_channels=(1,))
-    other = _perturb(jax.jit(cn1.init)(jax.random.key(8), x, t, {"label": labels, "control": c2})["params"]["control_0"],
-                     8)
+    # The 1-channel ControlNet: the 2-channel one's init with its first hint conv cut to one input
+    # channel (the tree and shapes from eval_shape: compiling a second init costs seconds), perturbed.
+    shapes = jax.eval_shape(cn1.init, jax.random.key(8), x, t, {"label": labels, "control": c2})["params"]["control_0"]
+    other = _perturb(jax.tree.map(lambda a, p: np.asarray(p)[tuple(slice(0, n) for n in a.shape)], shapes,
+                                  nets["params"]["control_0"]), 8)
     branch = ControlNet(**FIELDS, hint_channels=(4,))
     r1 = jax.jit(branch.apply)({"params": trained}, x, t, c1, {"label": labels})
     r2 = jax.jit(branch.apply)({"params": other}, x, t, c2, {"label": labels})
@@ -220,6 +224,9 @@ def _small_base_config():
     c = fashion_mnist.get_config("small")
     c.eval.num_samples = 0
     c.eval.evaluator = ""
+    # The base tests/test_dreambooth.py trains, exactly: its programs compile once for the suite.
+    c.sample.num = 8
+    c.sample.guidance = 3.0
     return c
 
 
@@ -258,8 +265,12 @@ def test_the_copy_starts_as_the_base_encoder(trained):
     c.base_workdir = trained["base"]
     c = adapt.resolve_base(c)
     model = network.build_model(c)
-    params = network.init_params(model, (28, 28, 1), jax.random.key(0),
-                                 cond=network.example_cond(model, (28, 28, 1)))
+    # Fresh params of the right tree (shapes only: compiling the init would cost seconds), random
+    # so that a leaf _init_from did not copy cannot equal the base's.
+    shapes = jax.eval_shape(lambda: network.init_params(model, (28, 28, 1), jax.random.key(0),
+                                                        cond=network.example_cond(model, (28, 28, 1))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), shapes)
     params = _init_from(c, params, c.train.trainable, None)
     base = load_for_sampling(trained["base"]).params
     for k in ("encoder",):
@@ -293,20 +304,33 @@ def test_command_line_samples_with_control_scales_and_composition(trained, tmp_p
     assert x.shape == (4, 28, 28, 1) and np.isfinite(x).all()
 
 
-@pytest.mark.parametrize("case", ["no_control", "size", "channels", "range", "count", "plain_model", "scales"])
-def test_command_line_refuses_bad_control(trained, tmp_path, case):
-    edges = _edges_png(tmp_path / "e.png")
+BAD_CONTROL = ["no_control", "size", "channels", "range", "count", "plain_model", "scales"]
+
+
+@pytest.fixture(scope="module")
+def refusals(trained, tmp_path_factory):
+    """{case: (launch.sample's exit code, its stderr, the XLA compiles meanwhile, its --out path)}."""
+    d = tmp_path_factory.mktemp("cn_refusals")
+    edges = _edges_png(d / "e.png")
+    np.savez(d / "c.npz", image=np.zeros((28, 28, 3), np.float32))
+    np.savez(d / "r.npz", image=np.full((28, 28, 1), 2.0, np.float32))
     args = {
         "no_control": ["--workdir", trained["cn"]],
-        "size": ["--workdir", trained["cn"], "--control", _edges_png(tmp_path / "s.png", 16)],
-        "channels": ["--workdir", trained["cn"], "--control", str(tmp_path / "c.npz")],
-        "range": ["--workdir", trained["cn"], "--control", str(tmp_path / "r.npz")],
+        "size": ["--workdir", trained["cn"], "--control", _edges_png(d / "s.png", 16)],
+        "channels": ["--workdir", trained["cn"], "--control", str(d / "c.npz")],
+        "range": ["--workdir", trained["cn"], "--control", str(d / "r.npz")],
         "count": ["--workdir", trained["cn"], "--control", edges, "--control", edges],
         "plain_model": ["--workdir", trained["base"], "--control", edges],
         "scales": ["--workdir", trained["cn"], "--control", edges, "--control_scale", "1", "--control_scale", "2"],
-    }[case]
-    np.savez(tmp_path / "c.npz", image=np.zeros((28, 28, 3), np.float32))
-    np.savez(tmp_path / "r.npz", image=np.full((28, 28, 1), 2.0, np.float32))
+    }
+    outs = {case: d / case / "never.png" for case in BAD_CONTROL}
+    argvs = [args[case] + ["--out", str(outs[case]), "--num", "2"] for case in BAD_CONTROL]
+    results = run_commands("launch.sample", argvs, timeout=600)
+    return {case: (*res, outs[case]) for case, res in zip(BAD_CONTROL, results, strict=True)}
+
+
+@pytest.mark.parametrize("case", BAD_CONTROL)
+def test_command_line_refuses_bad_control(refusals, case):
     match = {
         "no_control": "--control: .* is a ControlNet \\(1 control channel",
         "size": "--control: expected a control image \\[28, 28, 1\\] .* got shape \\(1, 16, 16, 1\\)",
@@ -316,11 +340,10 @@ def test_command_line_refuses_bad_control(trained, tmp_path, case):
         "plain_model": "--control / --control_scale / --control_workdir: .* is not a ControlNet workdir",
         "scales": "--control_scale: expected 1 or 1 values, got 2",
     }[case]
-    out = tmp_path / "never.png"
-    r = _sample(*args, "--out", str(out), "--num", "2")
-    assert r.returncode != 0
-    assert __import__("re").search(match, r.stderr), r.stderr[-2000:]
-    assert "Compiling" not in r.stderr and not out.exists()
+    returncode, stderr, compiled, out = refusals[case]
+    assert returncode != 0
+    assert __import__("re").search(match, stderr), stderr[-2000:]
+    assert "Compiling" not in stderr and compiled == 0 and not out.exists() and not out.parent.exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "no_base", "not_unet", "shape", "base_field", "control_without_net", "net_without_control"])

@@ -99,9 +99,14 @@ def tuned(tmp_path_factory):
     c = fashion_mnist.get_config("small")
     c.eval.num_samples = 0
     c.eval.evaluator = ""
+    # Its final grid samples as the prior samples below do (8 images, guidance 3): one compiled
+    # sampler for both. tests/test_controlnet.py trains the same base (one compile for the suite).
+    c.sample.num = 8
+    c.sample.guidance = 3.0
     train_and_evaluate(c, base_dir)
     subject = _subject_dir(root / "subject")
     c = fashion_mnist_dreambooth.get_config("small_lora")
+    assert (c.dreambooth.num_prior, c.dreambooth.prior_guidance) == (8, 3.0)  # as the base's grid above
     c.base_workdir = base_dir
     c.dreambooth.subject_class = 2
     workdir = str(root / "lora")
@@ -117,7 +122,12 @@ def test_the_identifier_row_starts_as_the_subjects_class(tuned):
 
     config = adapt.resolve_base(tuned["config"])
     model = network.build_model(config)
-    params = network.init_params(model, (28, 28, 1), jax.random.key(0), cond=network.example_cond(model, (28, 28, 1)))
+    # Fresh params of the right tree (shapes only: compiling the init would cost seconds), random
+    # so that a row _init_from did not copy cannot equal the base's.
+    shapes = jax.eval_shape(lambda: network.init_params(model, (28, 28, 1), jax.random.key(0),
+                                                        cond=network.example_cond(model, (28, 28, 1))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), shapes)
     params = _init_from(config, params, config.train.trainable, None)
     table = np.asarray(params["model"]["encoder"]["class_embed"]["embedding"])
     base = np.asarray(load_for_sampling(tuned["base"]).params["encoder"]["class_embed"]["embedding"])
@@ -166,13 +176,47 @@ def test_adapter_refuses_another_base(tuned, tmp_path, monkeypatch):
         adapt.load_adapter(str(tmp_path / "none.msgpack"))
 
 
-def _finetune(*args):
-    return subprocess.run([sys.executable, "-m", "launch.finetune", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def _finetune_checks(*args) -> tuple[BaseException | None, list[str]]:
+    """launch.finetune's command line parsed in this process and its checks run (main's first
+    step, finetune.prepare; a fresh process per case would cost seconds of imports each):
+    (the error raised or None, the programs XLA compiled meanwhile)."""
+    from absl import flags
+    from jax import monitoring
+
+    compiled = []
+
+    def on_duration(event, duration, **kw):
+        if event == _COMPILE_EVENT:
+            compiled.append(str(kw.get("fun_name", "?")))
+
+    argv, sys_argv = ["launch.finetune", *args], sys.argv
+    monitoring.register_event_duration_secs_listener(on_duration)
+    flags.FLAGS.unparse_flags()
+    try:
+        sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
+        flags.FLAGS(argv)
+        finetune.prepare(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.subject)
+        error = None
+    except Exception as e:  # noqa: BLE001 - handed to the caller
+        error = e
+    finally:
+        sys.argv = sys_argv
+        flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # defined per parse, by --config
+            delattr(flags.FLAGS, name)
+        monitoring.unregister_event_duration_listener(on_duration)
+    return error, compiled
 
 
 @pytest.mark.parametrize("case", ["empty", "size", "no_dir", "class", "weight", "base", "settings", "rank"])
 def test_finetune_refuses_bad_input_before_writing(tuned, tmp_path, case):
+    """Each bad flag of launch.finetune is a usage error naming it, raised by its checks before
+    anything compiles or is written."""
+    from absl import app
+
     subject = tuned["subject"]
     extra = []
     if case == "empty":
@@ -202,11 +246,12 @@ def test_finetune_refuses_bad_input_before_writing(tuned, tmp_path, case):
     workdir = tuned["lora"] if case == "settings" else str(tmp_path / "w")
     if case == "settings":
         extra = ["--config.dreambooth.prior_weight=0.25"]
-    r = _finetune("--config", "configs/fashion_mnist_dreambooth.py:small_lora", f"--config.base_workdir={base}",
-                  "--config.dreambooth.subject_class=2", *extra, "--subject", subject, "--workdir", workdir)
-    assert r.returncode != 0
-    assert re.search(match, r.stderr), r.stderr[-2000:]
-    assert "Compiling" not in r.stderr
+    error, compiled = _finetune_checks("--config", os.path.join(ROOT, "configs/fashion_mnist_dreambooth.py:small_lora"),
+                                       f"--config.base_workdir={base}", "--config.dreambooth.subject_class=2", *extra,
+                                       "--subject", subject, "--workdir", workdir)
+    assert isinstance(error, app.UsageError), repr(error)
+    assert re.search(match, str(error)), str(error)
+    assert not compiled, compiled
     if case != "settings":
         assert not os.path.exists(workdir)
 

@@ -18,6 +18,7 @@ from jdiff.train import network
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import tiny, tiny_image_cond  # noqa: E402
+from commands import run_commands  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +133,18 @@ def test_sdedit_and_repaint_from_the_command_line(tmp_path, cli_env):
     assert r.returncode == 0, r.stderr[-3000:]
     x = np.load(tmp_path / "rp.npz")["samples"]
     np.testing.assert_array_equal(x[:, :, :4, 0], np.broadcast_to(guide[:, :4].astype(np.float32) / 127.5 - 1.0, (4, 8, 4)))
-    for args, msg in [(["--sdedit", str(tmp_path / "guide.png"), "--t0", "20"], "--t0"),
-                      (["--sdedit", str(tmp_path / "small.png"), "--t0", "5"], "--sdedit: expected an image of the model's size"),
-                      (["--repaint", str(tmp_path / "guide.png"), "--mask", str(tmp_path / "small.png")], "--mask"),
-                      (["--inpaint", str(tmp_path / "guide.png"), "--mask", str(tmp_path / "mask.png")],
-                       "--inpaint: expected a workdir of an inpainting model"),
-                      (["--inpaint", str(tmp_path / "guide.png"), "--sdedit", str(tmp_path / "guide.png")], "at most one")]:
-        r = _run(["launch.sample", "--workdir", workdir, "--num", "4", *args, "--out", str(tmp_path / "bad.png")], cli_env)
-        assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
-        assert not os.path.exists(tmp_path / "bad.png")
+    bad = [(["--sdedit", str(tmp_path / "guide.png"), "--t0", "20"], "--t0"),
+           (["--sdedit", str(tmp_path / "small.png"), "--t0", "5"], "--sdedit: expected an image of the model's size"),
+           (["--repaint", str(tmp_path / "guide.png"), "--mask", str(tmp_path / "small.png")], "--mask"),
+           (["--inpaint", str(tmp_path / "guide.png"), "--mask", str(tmp_path / "mask.png")],
+            "--inpaint: expected a workdir of an inpainting model"),
+           (["--inpaint", str(tmp_path / "guide.png"), "--sdedit", str(tmp_path / "guide.png")], "at most one")]
+    # The refusals in one process, each through launch.sample's app.run (a fresh process each costs its imports).
+    results = run_commands("launch.sample", [["--workdir", workdir, "--num", "4", *args, "--out", str(tmp_path / "bad.png")]
+                                             for args, _ in bad], cli_env)
+    for (args, msg), (returncode, stderr, compiles) in zip(bad, results, strict=True):
+        assert returncode != 0 and msg in stderr and compiles == 0, (args, compiles, stderr[-2000:])
+    assert not os.path.exists(tmp_path / "bad.png")
 
 
 @pytest.mark.slow  # a tiny training run and three launch.sample processes
@@ -168,9 +172,11 @@ def test_inpainting_model_trains_and_inpaints_through_the_command_line(tmp_path,
     np.testing.assert_array_equal(x[..., 0][known], np.broadcast_to(image.astype(np.float32) / 127.5 - 1.0, (3, 8, 8))[known])
     assert np.isfinite(x).all() and not np.allclose(x[:, 2:6, 2:6, 0], 0.0)
     Image.fromarray(mask[:4, :4]).save(tmp_path / "small_mask.png")
-    for args, msg in [(["--mask", str(tmp_path / "small_mask.png")], "--mask"), ([], "--mask: --inpaint needs a mask"),
-                      (["--mask", str(tmp_path / "mask.png"), "--cond_image", str(tmp_path / "digit.png")], "--cond_image")]:
-        r = _run(["launch.sample", "--workdir", workdir, "--num", "3", "--inpaint", str(tmp_path / "digit.png"), *args,
-                  "--out", str(tmp_path / "bad.png")], cli_env)
-        assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
-        assert not os.path.exists(tmp_path / "bad.png")
+    bad = [(["--mask", str(tmp_path / "small_mask.png")], "--mask"), ([], "--mask: --inpaint needs a mask"),
+           (["--mask", str(tmp_path / "mask.png"), "--cond_image", str(tmp_path / "digit.png")], "--cond_image")]
+    # The refusals in one process, each through launch.sample's app.run (a fresh process each costs its imports).
+    results = run_commands("launch.sample", [["--workdir", workdir, "--num", "3", "--inpaint", str(tmp_path / "digit.png"),
+                                              *args, "--out", str(tmp_path / "bad.png")] for args, _ in bad], cli_env)
+    for (args, msg), (returncode, stderr, compiles) in zip(bad, results, strict=True):
+        assert returncode != 0 and msg in stderr and compiles == 0, (args, compiles, stderr[-2000:])
+    assert not os.path.exists(tmp_path / "bad.png")

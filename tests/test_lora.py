@@ -38,8 +38,8 @@ def unflat(d: dict) -> dict:
 
 def random_like(tree, seed: int, scale: float = 0.1):
     """Gaussian noise of each leaf's shape and dtype."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda p: jnp.asarray(scale * rng.standard_normal(np.shape(p)), p.dtype), tree)
+    rng = np.random.default_rng(seed)  # cast in NumPy: an eager cast would compile once per leaf shape
+    return jax.tree.map(lambda p: jnp.asarray((scale * rng.standard_normal(np.shape(p))).astype(p.dtype)), tree)
 
 
 def with_random_b(factors, seed: int) -> dict:
@@ -48,7 +48,7 @@ def with_random_b(factors, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     for k in out:
         if k.endswith("/b"):
-            out[k] = jnp.asarray(0.1 * rng.standard_normal(out[k].shape), out[k].dtype)
+            out[k] = jnp.asarray((0.1 * rng.standard_normal(out[k].shape)).astype(out[k].dtype))
     return unflat(out)
 
 
@@ -58,7 +58,9 @@ def net():
     its zero-initialised head: a stand-in for a trained base), inputs and jitted apply functions."""
     module = LoRA(model_name="unet", model=TINY_UNET, rank=RANK, alpha=ALPHA)
     params = network.init_params(module, IMAGE_SHAPE, jax.random.key(0))  # jitted with the module static
-    base = jax.tree.map(lambda p, n: p + n, params["model"], random_like(params["model"], 1))
+    # Summed in NumPy (float32, as XLA would): an eager add would compile once per leaf shape.
+    base = jax.tree.map(lambda p, n: jnp.asarray(np.asarray(p) + np.asarray(n)), params["model"],
+                        random_like(params["model"], 1))
     params = {"model": base, "lora": params["lora"]}
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2,) + IMAGE_SHAPE), jnp.float32)
@@ -110,7 +112,7 @@ def test_with_nonzero_factors_the_wrapper_is_the_inner_unet_on_merged_params(net
     params = net["params"]
     factors = with_random_b(params["lora"], 3)
     out = net["wrapped"]({"model": params["model"], "lora": factors})
-    merged = lora.merge(params["model"], factors, ALPHA)
+    merged = jax.jit(lora.merge, static_argnums=2)(params["model"], factors, ALPHA)  # one program, not op by op
     ref = net["inner"](merged)
     base = net["inner"](params["model"])
     assert float(jnp.abs(out - base).max()) > 1e-3  # the update changes the output...

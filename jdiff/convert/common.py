@@ -312,8 +312,10 @@ def write_workdir(imported: Imported, workdir: str, data: Optional[Mapping[str, 
     config.data.image_shape = tuple(int(s) for s in imported.image_shape)
     config.eval.evaluator = ""
     check_params(imported.params, template_of(imported.module(), imported.image_shape), "the network the config builds")
-    params = jax.tree.map(lambda a: jax.numpy.asarray(a, jax.numpy.float32), imported.params)
-    state = create_train_state(params, make_optimizer(config.optim), jax.random.key(config.seed))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float32), imported.params)
+    optimizer = make_optimizer(config.optim)
+    # One compiled program (as the training loop builds its state), not one per leaf and operation.
+    state = jax.jit(lambda p, k: create_train_state(p, optimizer, k))(params, jax.random.key(config.seed))
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=False)
     try:
         ckpt.write_experiment(config)

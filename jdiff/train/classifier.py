@@ -8,6 +8,7 @@ config schema as the diffusion loop); ``log_prob_fn`` turns a trained classifier
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -68,19 +69,30 @@ def log_prob_fn(module: NoiseAwareClassifier, params: Any) -> Callable[[jax.Arra
 def init_classifier(module: NoiseAwareClassifier, image_shape, key):
     """Fresh params of ``module`` (the ``params`` collection) for images of ``image_shape``
     ``(H, W, C)``, from the PRNG ``key`` (initialised on one zero image at t = 0)."""
-    return module.init({"params": key}, jnp.zeros((1,) + tuple(image_shape)), jnp.zeros((1,), jnp.int32))["params"]
+    return _init(module, tuple(int(s) for s in image_shape), key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(module, image_shape, key):
+    # One compiled program (module and shape static), not one per operation.
+    return module.init({"params": key}, jnp.zeros((1,) + image_shape), jnp.zeros((1,), jnp.int32))["params"]
 
 
 def noisy_accuracy(module, params, schedule, images, labels, key, fractions=(0.0, 0.25, 0.5, 0.75)) -> dict:
     """Test accuracy of the classifier on x_t at t = fraction * T for each fraction."""
     out = {}
     for i, f in enumerate(fractions):
-        t = jnp.full((len(images),), int(f * (schedule.num_timesteps - 1)), jnp.int32)
-        noise = jax.random.normal(jax.random.fold_in(key, i), images.shape)
-        x_t = diffusion.q_sample(schedule, jnp.asarray(images), t, noise)
-        logits = module.apply({"params": params}, x_t, schedule.timesteps[t])
-        out[f"test_accuracy_t{f:.2f}"] = float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(labels)))
+        t = np.full((len(images),), int(f * (schedule.num_timesteps - 1)), np.int32)
+        out[f"test_accuracy_t{f:.2f}"] = float(_accuracy(module, params, schedule, images, labels, t, jax.random.fold_in(key, i)))
     return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _accuracy(module, params, schedule, images, labels, t, key):
+    """Accuracy on x_t ~ q(x_t | x_0 = images) at the steps ``t``: one compiled program for every level."""
+    x_t = diffusion.q_sample(schedule, images, t, jax.random.normal(key, images.shape))
+    logits = module.apply({"params": params}, x_t, schedule.timesteps[t])
+    return jnp.mean(jnp.argmax(logits, -1) == labels)
 
 
 def train_classifier(config: ml_collections.ConfigDict, workdir: str, *, mesh: Mesh | None = None) -> dict:
