@@ -10,10 +10,11 @@ Each guide runs in a subprocess of its own (``python tests/test_docs_guides.py G
 * what a guide changes in its process (the samplers extending.md registers, the TFDS mock of
   tfds.md) cannot reach another guide or test;
 * the guides whose time goes into compiling U-Nets (FAST_COMPILE) compile with LLVM's -O0
-  (--xla_backend_optimization_level=0, as tests/test_parallel.py does): about half the compile
-  time. It changes float32 rounding a little (up to ~1e-4 after a sampling loop on the mixture), so
-  the guides whose assertions are about rounding (extending.md compares samplers to 1e-4, pretrained.md
-  the converted network to 1e-4) run with XLA's defaults, as readers do.
+  (--xla_backend_optimization_level=0) and XLA:CPU's LLVM IR emitters (conftest.FAST_COMPILE_FLAG),
+  as the rest of the suite does: about a quarter of the compile time. It changes float32
+  rounding a little (up to ~1e-4 after a sampling loop on the mixture), so the guides whose
+  assertions are about rounding (extending.md compares samplers to 1e-4, pretrained.md the
+  converted network to 1e-4) run with XLA's defaults, as readers do.
   quickstart.md and tfds.md train the same network: the second loads its programs from the
   persistent compilation cache conftest.py sets up for the run (the subprocesses inherit it).
 
@@ -72,11 +73,16 @@ def _runnable() -> list[str]:
 
 def _env(guide: str) -> dict:
     env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+|--xla_backend_optimization_level=\S+", "",
-                   env.get("XLA_FLAGS", "")).split()
+    from conftest import FAST_COMPILE_FLAG
+
+    inherited = env.get("XLA_FLAGS", "")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+|--xla_backend_optimization_level=\S+|"
+                   + re.escape(FAST_COMPILE_FLAG), "", inherited).split()
     flags.append(f"--xla_force_host_platform_device_count={DEVICES.get(guide, 1)}")
     if guide in FAST_COMPILE:
         flags.append("--xla_backend_optimization_level=0")
+        if FAST_COMPILE_FLAG in inherited:  # the fusion-emitter flag, where conftest.py found it supported
+            flags.append(FAST_COMPILE_FLAG)
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     return env

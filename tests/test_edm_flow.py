@@ -79,10 +79,22 @@ def test_heun_is_second_order_and_euler_first(gm, proc, param, spacing):
 
 
 def test_euler_is_ddim_with_eta_zero(gm):
+    """Euler on the flow's velocity is DDIM (eta = 0): the same step, x + (t' - t) v, written two
+    ways (DDIM: x_0 and eps from v, then recombined). Compared in float64 (x64 on), where the
+    two agree to rounding (~1e-15); in float32 their rounding differs by how XLA compiles each
+    (after 10 steps: below 1e-6 with one set of compile flags, 1.5e-5 with another)."""
     process = schedules.flow()
     xT = jax.random.normal(jax.random.key(5), (64, 2))
-    run = lambda m: jdiff.sample(gm.model_fn(process, "flow"), process, xT, jax.random.key(0), method=m, steps=10, parameterization="flow")  # noqa: E731
-    np.testing.assert_allclose(run("euler"), run("ddim"), rtol=1e-6, atol=1e-6)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        x64 = jnp.asarray(np.asarray(xT), jnp.float64)
+        run = lambda m: jdiff.sample(gm.model_fn(process, "flow"), process, x64, jax.random.key(0), method=m, steps=10,  # noqa: E731
+                                     parameterization="flow")
+        euler, ddim = run("euler"), run("ddim")
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert euler.dtype == ddim.dtype == np.float64
+    np.testing.assert_allclose(euler, ddim, rtol=1e-12, atol=1e-12)
     # ... and on the linear path, the rectified-flow step x + (t_next - t) v (float64, one step).
     x = np.asarray(xT[:4], np.float64)
     one = jdiff.sample(gm.model_fn(process, "flow"), process, xT[:4], jax.random.key(0), method="euler", timesteps=[0.8, 0.5],
