@@ -121,9 +121,9 @@ def run(reps: int, nets: list[str]) -> tuple[str, dict]:
                      med(s, "train_compile_cpu_s"), ratio(s, "train_compile_cpu_s"),
                      med(s, "sample_run_s"), ratio(s, "sample_run_s"), 1e3 * med(s, "train_run_s"), ratio(s, "train_run_s"),
                      f"{max(res['sample_max_abs_diff'] for res in results[s]):.1e}"] for s in names]
-            sections.append(f"\n**{net_name}**, medians over {reps} rounds of fresh processes:\n\n" + common.markdown_table(
+            sections.append(f"\n\n**{net_name}**, medians over {reps} rounds of fresh processes:\n\n" + common.markdown_table(
                 ["flags", "sample compile CPU s", "x default", "train-step compile CPU s", "x default",
-                 f"DDIM-{STEPS} run s", "x default", "train step ms", "x default", "sample max |diff| from default"],
+                 f"DDIM-{STEPS} run s", "x default", "train step ms", "x default", "sample max abs diff from default"],
                 rows))
             raw[net_name] = results
     cmd = ("python -m benchmarks.compile_flags " + " ".join(sys.argv[1:])).strip()
