@@ -11,7 +11,8 @@ overrides from it), then the module's own ``if __name__ == "__main__":`` block r
 ``app.run(main, flags_parser=...)`` with the parser it uses, which turns a usage error into a
 message on stderr and exit code 1. Its exit code is what the interpreter's would be (an
 uncaught exception: its traceback on stderr and 1; ``sys.exit("text")``: the text and 1).
-The flags are reset (``FLAGS.unparse_flags()``) before each case. The modules' flags clash
+The flags are reset (``FLAGS.unparse_flags()``, and the ``--config.*`` override flags that
+ml_collections defines at each parse removed) before each case. The modules' flags clash
 with each other (launch.sample and launch.finetune both define ``--workdir``), so each module
 gets its own process: start them together with :func:`start_commands` and collect them with
 :func:`finish_commands` to overlap them with each other or with other work.
@@ -57,6 +58,8 @@ main_block = compile(ast.Module(blocks[0], type_ignores=[]), module.__file__, "e
 results = []
 for args in json.loads(sys.argv[2]):
     flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # ml_collections defines them per parse
+        delattr(flags.FLAGS, name)
     sys.argv = [module.__file__, *args]
     err, code, before = io.StringIO(), 0, compiles[0]
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):

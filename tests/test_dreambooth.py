@@ -25,6 +25,8 @@ sys.path.insert(0, ROOT)
 from configs import fashion_mnist, fashion_mnist_dreambooth  # noqa: E402
 from launch import finetune  # noqa: E402
 
+from commands import run_commands  # noqa: E402
+
 
 def test_augmentations_are_shifts_and_flips_of_the_subject():
     rng = np.random.default_rng(0)
@@ -176,82 +178,55 @@ def test_adapter_refuses_another_base(tuned, tmp_path, monkeypatch):
         adapt.load_adapter(str(tmp_path / "none.msgpack"))
 
 
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+REFUSALS = {
+    "empty": "--subject: .* holds no .png image",
+    "size": r"--subject: .*0.png' is 16x16; expected the model's size 28x28",
+    "no_dir": "--subject: .* is not a directory",
+    "class": r"--config.dreambooth.subject_class: expected the subject's class in \[0, 10\)",
+    "weight": "--config.dreambooth.prior_weight: expected a finite lambda >= 0, got -0.5",
+    "base": "--config.base_workdir: .* has no config.json",
+    "settings": "--workdir: .* holds a DreamBooth set made with other settings",
+    "rank": "rank: expected an int >= 1, got 0",
+}
 
 
-def _finetune_checks(*args) -> tuple[BaseException | None, list[str]]:
-    """launch.finetune's command line parsed in this process and its checks run (main's first
-    step, finetune.prepare; a fresh process per case would cost seconds of imports each):
-    (the error raised or None, the programs XLA compiled meanwhile)."""
-    from absl import flags
-    from jax import monitoring
-
-    compiled = []
-
-    def on_duration(event, duration, **kw):
-        if event == _COMPILE_EVENT:
-            compiled.append(str(kw.get("fun_name", "?")))
-
-    argv, sys_argv = ["launch.finetune", *args], sys.argv
-    monitoring.register_event_duration_secs_listener(on_duration)
-    flags.FLAGS.unparse_flags()
-    try:
-        sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
-        flags.FLAGS(argv)
-        finetune.prepare(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.subject)
-        error = None
-    except Exception as e:  # noqa: BLE001 - handed to the caller
-        error = e
-    finally:
-        sys.argv = sys_argv
-        flags.FLAGS.unparse_flags()
-        for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # defined per parse, by --config
-            delattr(flags.FLAGS, name)
-        monitoring.unregister_event_duration_listener(on_duration)
-    return error, compiled
+@pytest.fixture(scope="module")
+def refusals(tuned, tmp_path_factory):
+    """{case: (launch.finetune's exit code, its stderr, XLA compiles meanwhile, its --workdir)}, the
+    cases run in one process (tests/commands.py)."""
+    d = tmp_path_factory.mktemp("refusals")
+    argvs, workdirs = [], {}
+    for case in REFUSALS:
+        subject, extra = tuned["subject"], []
+        if case == "empty":
+            os.makedirs(d / "empty")
+            subject = str(d / "empty")
+        elif case == "size":
+            subject = _subject_dir(d / "small", size=16)
+        elif case == "no_dir":
+            subject = str(d / "nothing")
+        elif case == "class":
+            extra = ["--config.dreambooth.subject_class=10"]
+        elif case in ("weight", "settings"):
+            extra = ["--config.dreambooth.prior_weight=" + ("-0.5" if case == "weight" else "0.25")]
+        elif case == "rank":
+            extra = ["--config.model.rank=0"]
+        base = str(d / "nobase") if case == "base" else tuned["base"]
+        workdirs[case] = tuned["lora"] if case == "settings" else str(d / case / "w")
+        argvs.append(["--config", os.path.join(ROOT, "configs/fashion_mnist_dreambooth.py:small_lora"),
+                      f"--config.base_workdir={base}", "--config.dreambooth.subject_class=2", *extra,
+                      "--subject", subject, "--workdir", workdirs[case]])
+    results = run_commands("launch.finetune", argvs, timeout=600)
+    return {case: (*res, workdirs[case]) for case, res in zip(REFUSALS, results, strict=True)}
 
 
-@pytest.mark.parametrize("case", ["empty", "size", "no_dir", "class", "weight", "base", "settings", "rank"])
-def test_finetune_refuses_bad_input_before_writing(tuned, tmp_path, case):
-    """Each bad flag of launch.finetune is a usage error naming it, raised by its checks before
-    anything compiles or is written."""
-    from absl import app
-
-    subject = tuned["subject"]
-    extra = []
-    if case == "empty":
-        os.makedirs(tmp_path / "empty")
-        subject = str(tmp_path / "empty")
-    elif case == "size":
-        subject = _subject_dir(tmp_path / "small", size=16)
-    elif case == "no_dir":
-        subject = str(tmp_path / "nothing")
-    elif case == "class":
-        extra = ["--config.dreambooth.subject_class=10"]
-    elif case == "weight":
-        extra = ["--config.dreambooth.prior_weight=-0.5"]
-    elif case == "rank":
-        extra = ["--config.model.rank=0"]
-    match = {
-        "empty": "--subject: .* holds no .png image",
-        "size": r"--subject: .*0.png' is 16x16; expected the model's size 28x28",
-        "no_dir": "--subject: .* is not a directory",
-        "class": r"--config.dreambooth.subject_class: expected the subject's class in \[0, 10\)",
-        "weight": "--config.dreambooth.prior_weight: expected a finite lambda >= 0, got -0.5",
-        "base": "--config.base_workdir: .* has no config.json",
-        "settings": "--workdir: .* holds a DreamBooth set made with other settings",
-        "rank": "rank: expected an int >= 1, got 0",
-    }[case]
-    base = str(tmp_path / "nobase") if case == "base" else tuned["base"]
-    workdir = tuned["lora"] if case == "settings" else str(tmp_path / "w")
-    if case == "settings":
-        extra = ["--config.dreambooth.prior_weight=0.25"]
-    error, compiled = _finetune_checks("--config", os.path.join(ROOT, "configs/fashion_mnist_dreambooth.py:small_lora"),
-                                       f"--config.base_workdir={base}", "--config.dreambooth.subject_class=2", *extra,
-                                       "--subject", subject, "--workdir", workdir)
-    assert isinstance(error, app.UsageError), repr(error)
-    assert re.search(match, str(error)), str(error)
-    assert not compiled, compiled
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_finetune_refuses_bad_input_before_writing(refusals, case):
+    """Each bad flag of launch.finetune exits non-zero naming it, before anything compiles or is written."""
+    returncode, stderr, compiles, workdir = refusals[case]
+    assert returncode != 0
+    assert re.search(REFUSALS[case], stderr), stderr[-2000:]
+    assert "Compiling" not in stderr and compiles == 0, (compiles, stderr[-2000:])
     if case != "settings":
         assert not os.path.exists(workdir)
 
