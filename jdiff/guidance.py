@@ -293,7 +293,10 @@ def classifier(
     mu + s Sigma grad) is :func:`classifier_hook`.
 
     The gradient is ``jax.grad`` of sum_b log p(y_b | x_t[b]): per-example gradients as long as the
-    classifier treats examples independently (no batch statistics).
+    classifier treats examples independently (no batch statistics). On XLA:CPU, build the
+    classifier's convolutions with :class:`jdiff.models.layers.Conv` (jdiff's networks do): with
+    ``flax.linen.Conv`` its input gradient inside the sampler's loop runs as naive loop nests, about
+    20x slower per step at XLA's default optimisation level.
 
     Args:
       model_fn: ``(x_t, t) -> output`` or, with ``conditional=True``, ``(x_t, t, y) -> output``.

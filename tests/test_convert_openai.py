@@ -469,8 +469,7 @@ def test_classifier_guidance_from_the_command_line(gd, tmp_path_factory):
     assert r.returncode == 0, r.stderr[-3000:]
     cli = np.load(tmp / "x.npz")["samples"]
     m, c = workdir_lib.load_for_sampling(mdir), workdir_lib.load_for_sampling(cdir)
-    # Two steps (as on the command line above): under the tests' XLA -O0 the classifier's gradient
-    # inside the sampler's loop runs ~5 s per step; two already move log p(y | x_0) as far as three.
+    # Two steps (as on the command line above): two already move log p(y | x_0) as far as three.
     kw = dict(method="ddpm", steps=2, clip=True, variance="learned_range", batch_size=2)
     guided = generate(m.model, m.params, m.schedule, m.image_shape, 2, jax.random.key(0), classifier=(c.model, c.params),
                       classifier_scale=300.0, classifier_labels=np.array([7, 300]), **kw)

@@ -279,6 +279,69 @@ def test_downsample_padding_zero_is_tf_same():
         layers.Downsample(True, padding=2).init(jax.random.key(0), x)
 
 
+@pytest.mark.parametrize("kernel, strides, padding, dilation", [
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # the residual blocks' conv
+    ((3, 3), (2, 2), ((0, 1), (0, 1)), (1, 1)),  # Downsample(padding=0)
+    ((1, 1), (1, 1), "SAME", (1, 1)),  # a skip projection
+    ((3, 3), (1, 1), "SAME", (2, 2)),  # dilated
+])
+def test_conv_is_flax_conv_in_value_params_and_derivatives(kernel, strides, padding, dilation):
+    """layers.Conv against flax.linen.Conv: the same params tree, outputs, input and kernel
+    gradients (reverse mode) and tangents (forward mode), in float64 (the same linear maps) and
+    in float32 (no more than rounding apart)."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(3)
+    x64 = rng.standard_normal((2, 8, 8, 3))
+    kw = dict(features=5, kernel_size=kernel, strides=strides, padding=padding, kernel_dilation=dilation)
+    ours, ref = layers.Conv(**kw), nn.Conv(**kw)
+    p32 = ours.init(jax.random.key(0), x64.astype(np.float32))["params"]
+    assert jax.tree.map(np.shape, p32) == jax.tree.map(np.shape, ref.init(jax.random.key(0), x64.astype(np.float32))["params"])
+
+    def derivatives(m, p, x):
+        f = lambda p, x: jnp.sum(jnp.sin(m.apply({"params": p}, x)))
+        grads = jax.grad(f, (0, 1))(p, x)
+        tangent = jax.jvp(f, (p, x), (jax.tree.map(jnp.cos, p), jnp.cos(x)))[1]
+        return m.apply({"params": p}, x), grads, tangent
+
+    jax.config.update("jax_enable_x64", True)
+    try:
+        p64 = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), p32)
+        got, want = derivatives(ours, p64, jnp.asarray(x64)), derivatives(ref, p64, jnp.asarray(x64))
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    got, want = derivatives(ours, p32, x64.astype(np.float32)), derivatives(ref, p32, x64.astype(np.float32))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
+
+
+def test_input_gradients_inside_a_loop_compile_to_canonical_convolutions():
+    """Why layers.Conv exists: inside a lax.scan (a sampler's loop) the input gradient of flax's
+    nn.Conv compiles, on XLA:CPU, to convolutions whose kernel feature axes are named in the
+    transposed order (dim_labels ..._01oi->...), which XLA:CPU runs as naive loop nests (20x
+    slower per guided step at XLA's defaults, BENCHMARKS.md "Input gradients inside a sampler's
+    loop"); layers.Conv's compile to the canonical order (01io), as outside a loop. The control
+    (nn.Conv) shows the check detects the slow form on this jaxlib."""
+    import flax.linen as nn
+
+    x = jnp.ones((2, 8, 8, 3))
+
+    def compiled(m):
+        p = m.init(jax.random.key(0), x)["params"]
+
+        def step(c, _):
+            return c - 1e-3 * jax.grad(lambda y: jnp.sum(m.apply({"params": p}, y) ** 2))(c), None
+
+        return jax.jit(lambda c: jax.lax.scan(step, c, None, length=2)[0]).lower(x).compile().as_text()
+
+    ours, ref = compiled(layers.Conv(4, (3, 3))), compiled(nn.Conv(4, (3, 3)))
+    assert "_01oi->" in ref and "_01io->" in ref  # the control: flax's forward canonical, its transpose not
+    assert "_01oi->" not in ours and "_01io->" in ours
+
+
 def test_norm_groups_adapt_to_small_channel_counts():
     expected = {1: 1, 2: 1, 6: 3, 8: 4, 16: 8, 24: 12, 32: 16, 40: 20, 64: 32, 96: 32, 128: 32, 256: 32, 512: 32}
     assert {c: layers.norm_groups(c) for c in expected} == expected

@@ -1,5 +1,6 @@
 """The training pipeline: train_step, checkpoints and resume, config errors, the launch scripts."""
 
+import collections
 import json
 import os
 import re
@@ -89,6 +90,7 @@ def test_resume_is_bit_identical(trained, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Checkpointer, "restore", restore)
     monkeypatch.setattr(loop, "create_train_state", create)
+    monkeypatch.setattr(loop, "_PROGRAMS", collections.OrderedDict())  # traced afresh, not the fixture's run's
     loop.train_and_evaluate(tiny_config(), resumed)
     assert len(targets) == 1 and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
                                      for x in jax.tree.leaves(targets[0]))
@@ -137,6 +139,22 @@ def _tree_digest(path):
             p = os.path.join(root, f)
             out[os.path.relpath(p, path)] = (os.path.getsize(p), os.path.getmtime(p))
     return out
+
+
+def test_a_repeated_run_reuses_the_programs_of_the_first(trained, tmp_path, monkeypatch):
+    """A second train_and_evaluate with the same config, data shape and mesh in one process
+    builds no train step, init or state function of its own (nothing traced or looked up
+    again): the jitted functions of the first run, kept by (config, shape, mesh, FSDP). The
+    run from scratch in a fresh workdir ends with the uninterrupted run's params."""
+    built = []
+    real = loop.make_train_step
+    monkeypatch.setattr(loop, "make_train_step", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    workdir = str(tmp_path / "again")
+    loop.train_and_evaluate(tiny_config(), workdir)
+    assert built == []
+    for la, lb in zip(jax.tree.leaves(_params(trained[0], 6)), jax.tree.leaves(_params(workdir, 6))):
+        np.testing.assert_array_equal(la, lb)
+    assert 1 <= len(loop._PROGRAMS) <= loop._PROGRAMS_KEPT
 
 
 def test_other_experiment_in_workdir_is_refused(trained, tmp_path):

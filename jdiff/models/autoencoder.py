@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff.models.layers import Downsample, Upsample, group_norm
+from jdiff.models.layers import Conv, Downsample, Upsample, group_norm
 
 __all__ = ["Autoencoder"]
 
@@ -31,10 +31,10 @@ class _Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Conv(self.channels, (3, 3), name="conv1")(nn.silu(group_norm(x.shape[-1], jnp.float32, "norm1")(x)))
-        h = nn.Conv(self.channels, (3, 3), name="conv2")(nn.silu(group_norm(self.channels, jnp.float32, "norm2")(h)))
+        h = Conv(self.channels, (3, 3), name="conv1")(nn.silu(group_norm(x.shape[-1], jnp.float32, "norm1")(x)))
+        h = Conv(self.channels, (3, 3), name="conv2")(nn.silu(group_norm(self.channels, jnp.float32, "norm2")(h)))
         if x.shape[-1] != self.channels:
-            x = nn.Conv(self.channels, (1, 1), name="skip")(x)
+            x = Conv(self.channels, (1, 1), name="skip")(x)
         return x + h
 
 
@@ -46,7 +46,7 @@ class _Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = nn.Conv(self.base_channels, (3, 3), name="conv_in")(x)
+        h = Conv(self.base_channels, (3, 3), name="conv_in")(x)
         for level, mult in enumerate(self.channel_mult):
             for i in range(self.num_res_blocks):
                 h = _Block(self.base_channels * mult, name=f"down_{level}_block_{i}")(h)
@@ -54,7 +54,7 @@ class _Encoder(nn.Module):
                 h = Downsample(name=f"down_{level}_downsample")(h)
         h = _Block(h.shape[-1], name="mid_block")(h)
         h = nn.silu(group_norm(h.shape[-1], jnp.float32, "norm_out")(h))
-        return nn.Conv(2 * self.latent_channels, (3, 3), name="conv_out")(h)
+        return Conv(2 * self.latent_channels, (3, 3), name="conv_out")(h)
 
 
 class _Decoder(nn.Module):
@@ -65,7 +65,7 @@ class _Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        h = nn.Conv(self.base_channels * self.channel_mult[-1], (3, 3), name="conv_in")(z)
+        h = Conv(self.base_channels * self.channel_mult[-1], (3, 3), name="conv_in")(z)
         h = _Block(h.shape[-1], name="mid_block")(h)
         for level in reversed(range(len(self.channel_mult))):
             for i in range(self.num_res_blocks):
@@ -73,7 +73,7 @@ class _Decoder(nn.Module):
             if level > 0:
                 h = Upsample(name=f"up_{level}_upsample")(h)
         h = nn.silu(group_norm(h.shape[-1], jnp.float32, "norm_out")(h))
-        return nn.Conv(self.image_channels, (3, 3), name="conv_out")(h)
+        return Conv(self.image_channels, (3, 3), name="conv_out")(h)
 
 
 class Autoencoder(nn.Module):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdiff.models.layers import default_init
+from jdiff.models.layers import Conv, default_init
 from jdiff.models.unet import UNet, UNetEncoder, _UNetFields
 
 __all__ = ["ControlNet", "ControlledUNet", "control_name"]
@@ -50,9 +50,9 @@ def control_name(i: int) -> str:
     return f"control_{i}"
 
 
-def _zero_conv(features: int, kernel: int, dtype, name: str) -> nn.Conv:
+def _zero_conv(features: int, kernel: int, dtype, name: str) -> Conv:
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=dtype,
+    return Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), dtype=dtype,
                    param_dtype=jnp.float32, kernel_init=default_init(0.0), name=name)
 
 
@@ -86,7 +86,7 @@ class ControlNet(_UNetFields):
             raise ValueError(f"control: expected [{B}, {H}, {W}, Cc] (the batch and size of x), got shape {_shape(control)}")
         h = control.astype(self.dtype)
         for i, c in enumerate(self.hint_channels):
-            h = nn.swish(nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
+            h = nn.swish(Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
                                  kernel_init=default_init(), name=f"hint_conv_{i}")(h))
         hint = _zero_conv(self.base_channels, 3, self.dtype, "hint_zero_conv")(h)
         enc = UNetEncoder(**self._shared_fields(UNetEncoder), name="encoder")(x, t, cond, train, input_residual=hint)

@@ -14,15 +14,18 @@ et al. 2022 (LDM: cross-attention to context tokens).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 __all__ = [
     "Dtype",
+    "conv_general_dilated",
+    "Conv",
     "default_init",
     "norm_groups",
     "GroupNorm",
@@ -50,6 +53,71 @@ TIME_EMBEDDINGS = ("sinusoidal", "fourier")
 """The time embeddings of :class:`TimestepEmbedding` (a U-Net's ``time_embedding``):
 ``sinusoidal`` (DDPM, Transformer-style) and ``fourier`` (random Fourier features of continuous
 time, score SDE's; Song et al. 2021)."""
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Optional[Sequence[int]] = None,
+    rhs_dilation: Optional[Sequence[int]] = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``jax.lax.conv_general_dilated`` (same arguments, same value, same derivatives), with a JVP
+    whose transpose XLA:CPU runs as a library convolution inside loops.
+
+    Reverse mode transposes the input tangent's convolution into a convolution of the cotangent
+    with the flipped kernel whose input and output feature axes swap roles in the dimension
+    numbers (``dim_labels=..._01oi->...`` for HWIO). Outside a loop XLA:CPU moves that kernel
+    into its canonical layout and calls Eigen; inside a ``while`` body (every sampler's
+    ``lax.scan``) it does not, and emits a naive loop nest: grad_x of a classifier in classifier
+    or CLIP guidance ran 20x slower per step than the same gradient unrolled at XLA's default
+    optimisation level, 100x at -O0 (BENCHMARKS.md, "Input gradients inside a sampler's loop").
+    Here the input tangent is convolved with the kernel's feature axes swapped in memory and in
+    the dimension numbers (the same linear map), so its transpose names the axes canonically.
+    Forward-mode tangents (``jax.jvp``) are the same numbers as lax's. Grouped convolutions go
+    to lax unchanged.
+    """
+    kw = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+              precision=precision, preferred_element_type=preferred_element_type)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    if feature_group_count != 1 or batch_group_count != 1:
+        return lax.conv_general_dilated(lhs, rhs, dimension_numbers=dn, feature_group_count=feature_group_count,
+                                        batch_group_count=batch_group_count, **kw)
+    lhs_spec, rhs_spec, out_spec = dn
+    o, i = rhs_spec[0], rhs_spec[1]
+    swapped = lax.ConvDimensionNumbers(lhs_spec, (i, o) + tuple(rhs_spec[2:]), out_spec)
+
+    @jax.custom_jvp
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, dimension_numbers=dn, **kw)
+
+    def conv_jvp(primals, tangents):
+        x, w = primals
+        dx, dw = tangents
+        out = lax.conv_general_dilated(x, w, dimension_numbers=dn, **kw)
+        dout = None
+        if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+            dout = lax.conv_general_dilated(dx, jnp.swapaxes(w, o, i), dimension_numbers=swapped, **kw)
+        if not isinstance(dw, jax.custom_derivatives.SymbolicZero):
+            d = lax.conv_general_dilated(x, dw, dimension_numbers=dn, **kw)
+            dout = d if dout is None else dout + d
+        return out, (jnp.zeros_like(out) if dout is None else dout)
+
+    conv.defjvp(conv_jvp, symbolic_zeros=True)
+    return conv(lhs, rhs)
+
+
+class Conv(nn.Conv):
+    """``flax.linen.Conv`` computing with :func:`conv_general_dilated`: the same params, values and
+    gradients, and input gradients inside a sampler's loop at library speed on XLA:CPU."""
+
+    conv_general_dilated: Any = conv_general_dilated
 
 
 def default_init(scale: float = 1.0) -> nn.initializers.Initializer:
@@ -245,7 +313,7 @@ def avg_pool_2x(x: jax.Array) -> jax.Array:
 
 def _conv(features: int, dtype: Dtype, *, kernel: int = 3, stride: int = 1, init_scale: float = 1.0, name=None):
     pad = kernel // 2
-    return nn.Conv(
+    return Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
@@ -275,7 +343,7 @@ class Downsample(nn.Module):
             raise ValueError(f"padding: expected 0 (bottom/right, TF 'SAME') or 1 (every side), got {self.padding!r}")
         if self.use_conv:
             pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
-            return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype, param_dtype=jnp.float32,
+            return Conv(x.shape[-1], (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype, param_dtype=jnp.float32,
                            kernel_init=default_init(), name="conv")(x)
         return avg_pool_2x(x)
 

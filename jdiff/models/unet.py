@@ -29,6 +29,7 @@ from jdiff import conditioning
 from jdiff.models.layers import (
     TIME_EMBEDDINGS,
     AttentionBlock,
+    Conv,
     CrossAttention,
     Downsample,
     Dtype,
@@ -355,7 +356,7 @@ class UNetEncoder(_UNetFields):
 
         if self.image_channels:
             x = jnp.concatenate([x, cond["image"].astype(x.dtype)], axis=-1)
-        h = nn.Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
+        h = Conv(ch, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=default_init(), name="conv_in")(x.astype(self.dtype))
         if input_residual is not None:
             h = h + input_residual.astype(h.dtype)
@@ -421,7 +422,7 @@ class UNetDecoder(_UNetFields):
                     h = Upsample(self.conv_resample, self.dtype, name=f"up_{level}_upsample")(h)
         assert not skips, "encoder and decoder disagree on the number of skip connections"
         h = nn.swish(group_norm(h.shape[-1], self.dtype, "norm_out", self.norm_num_groups, self.norm_eps)(h))
-        h = nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
+        h = Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
                     kernel_init=default_init(0.0), name="conv_out")(h)
         return h.astype(jnp.float32)
 

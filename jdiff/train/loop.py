@@ -16,6 +16,8 @@ sample grids and metrics.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
 import math
@@ -24,6 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +235,71 @@ def _init_from(config: ml_collections.ConfigDict, params, trainable: str, mesh: 
     return params
 
 
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+    """The jitted functions of a training run and the state's target shapes and shardings."""
+
+    model: Any
+    schedule: Any
+    transform: Any
+    make_params: Callable[[], Any]  # -> params, placed on the param shardings
+    init_state: Callable[[Any], TrainState]  # params -> the initial state, placed on the state shardings
+    train_step: Callable  # (state, global batch) -> (state, metrics), the state donated
+    target: Any  # the state's ShapeDtypeStructs with their shardings (what a resume restores onto)
+
+
+# The programs of recent training runs in this process, keyed by everything they are a function
+# of: the config (as JSON), the data's image shape, the mesh and the FSDP choice. A second run
+# with the same request (a resume, a notebook cell run again, a test repeating a run) reuses the
+# jitted functions and their traces instead of tracing, lowering and looking up every program
+# again (about 5 s of CPU for the tiny test config). A cache like jit's own, bounded.
+_PROGRAMS: "collections.OrderedDict[tuple, _Programs]" = collections.OrderedDict()
+_PROGRAMS_KEPT = 4
+
+
+def _programs(config: ml_collections.ConfigDict, model, schedule, transform, optimizer, image_shape: tuple,
+              mesh: Mesh, fsdp: bool, fsdp_min_size: int) -> _Programs:
+    try:
+        key = (config.to_json(sort_keys=True), image_shape, mesh, bool(fsdp), int(fsdp_min_size))
+    except (TypeError, ValueError):  # a value JSON cannot hold: build afresh, keep nothing
+        key = None
+    if key is not None and key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    init_key, state_key, _ = jax.random.split(jax.random.key(config.seed), 3)
+    example_cond = network.example_batch(model, image_shape, transform)["cond"]
+    trainable = config.train.trainable
+
+    def make_params():
+        return init_params(model, image_shape, init_key, cond=example_cond)
+
+    def init_state(params):
+        return create_train_state(params, optimizer, state_key, trainable)
+
+    # The state's shapes and shardings, without computing it: a resume restores onto them (no
+    # fresh state beside the restored one); otherwise every process computes the same initial
+    # state and each device keeps only its shards.
+    abstract_params = jax.eval_shape(make_params)
+    param_shardings = parallel.param_shardings(abstract_params, mesh, fsdp, min_size=fsdp_min_size)
+    abstract_state = jax.eval_shape(init_state, abstract_params)
+    state_shardings = parallel.param_shardings(abstract_state, mesh, fsdp, min_size=fsdp_min_size)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
+    train_step = jax.jit(
+        make_train_step(network.apply_fn(model), schedule, optimizer, config, transform=transform,
+                        num_classes=getattr(model, "num_classes", None)),
+        in_shardings=(state_shardings, parallel.data_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    programs = _Programs(model, schedule, transform, jax.jit(make_params, out_shardings=param_shardings),
+                         jax.jit(init_state, out_shardings=state_shardings), train_step, target)
+    if key is not None:
+        _PROGRAMS[key] = programs
+        while len(_PROGRAMS) > _PROGRAMS_KEPT:
+            _PROGRAMS.popitem(last=False)
+    return programs
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -274,42 +342,23 @@ def train_and_evaluate(
     validate_run(config, model, dataset, schedule, transform)
 
     trainable = config.train.trainable
-    init_key, state_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
-    example_cond = network.example_batch(model, dataset.image_shape, transform)["cond"]
-
-    def make_params():
-        return init_params(model, dataset.image_shape, init_key, cond=example_cond)
-
-    def init_state(params):
-        return create_train_state(params, optimizer, state_key, trainable)
-
-    # The state's shapes and shardings, without computing it: a resume restores onto them (no
-    # fresh state beside the restored one); otherwise every process computes the same initial
-    # state and each device keeps only its shards.
-    abstract_params = jax.eval_shape(make_params)
-    param_shardings = parallel.param_shardings(abstract_params, mesh, fsdp, min_size=fsdp_min_size)
-    abstract_state = jax.eval_shape(init_state, abstract_params)
-    state_shardings = parallel.param_shardings(abstract_state, mesh, fsdp, min_size=fsdp_min_size)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
-    state = ckpt.restore(target)  # onto the target shardings, whatever mesh wrote it
+    sample_key = jax.random.split(jax.random.key(config.seed), 3)[2]
+    programs = _programs(config, model, schedule, transform, optimizer, tuple(dataset.image_shape), mesh, fsdp,
+                         fsdp_min_size)
+    model, schedule, transform = programs.model, programs.schedule, programs.transform
+    state = ckpt.restore(programs.target)  # onto the target shardings, whatever mesh wrote it
     if state is not None:
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     else:
-        params = jax.jit(make_params, out_shardings=param_shardings)()
+        params = programs.make_params()
         if config.train.init_from:
             params = _init_from(config, params, trainable, mesh)
-        state = jax.jit(init_state, out_shardings=state_shardings)(params)
+        state = programs.init_state(params)
         del params
     if writer:
         ckpt.write_experiment(config)
 
-    train_step = jax.jit(
-        make_train_step(network.apply_fn(model), schedule, optimizer, config, transform=transform,
-                        num_classes=getattr(model, "num_classes", None)),
-        in_shardings=(state_shardings, parallel.data_sharding(mesh)),
-        out_shardings=(state_shardings, parallel.replicated(mesh)),
-        donate_argnums=0,
-    )
+    train_step = programs.train_step
     log = _MetricLog(workdir) if writer else None
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves((state.params, state.frozen)))
     num_trainable = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
