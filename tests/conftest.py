@@ -51,6 +51,21 @@ def _xla_accepts(flag: str) -> bool:
 if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") and _xla_accepts(FAST_COMPILE_FLAG):
     os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " " + FAST_COMPILE_FLAG
 
+
+
+def xla_defaults_env(env: dict | None = None) -> dict:
+    """``env`` (default: this process's environment) with the suite's compile flags (-O0 and
+    FAST_COMPILE_FLAG) taken out of ``XLA_FLAGS``, for a subprocess that should compile as users
+    do: one whose run time, not its compiles, is most of its cost (thousands of training steps,
+    which -O0 makes about 2x slower), or one that checks what a reader sees at XLA's defaults."""
+    import re
+
+    env = dict(os.environ if env is None else env)
+    flags = re.sub(r"--xla_backend_optimization_level=\S+|" + re.escape(FAST_COMPILE_FLAG), "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = " ".join(flags.split())
+    return env
+
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)

@@ -72,12 +72,11 @@ def _runnable() -> list[str]:
 
 
 def _env(guide: str) -> dict:
-    env = dict(os.environ)
-    from conftest import FAST_COMPILE_FLAG
+    from conftest import FAST_COMPILE_FLAG, xla_defaults_env
 
-    inherited = env.get("XLA_FLAGS", "")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+|--xla_backend_optimization_level=\S+|"
-                   + re.escape(FAST_COMPILE_FLAG), "", inherited).split()
+    inherited = os.environ.get("XLA_FLAGS", "")
+    env = xla_defaults_env()
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env["XLA_FLAGS"]).split()
     flags.append(f"--xla_force_host_platform_device_count={DEVICES.get(guide, 1)}")
     if guide in FAST_COMPILE:
         flags.append("--xla_backend_optimization_level=0")
