@@ -159,7 +159,7 @@ def run(names, reps: int, steps: int) -> tuple[str, dict]:
         + common.markdown_table(
             ["classifier", "params", "batch", "jdiff Conv s", "flax nn.Conv s", "unrolled (floor) s",
              "nn.Conv / Conv", "max abs sample diff / max abs sample"], rows)
-        + "\nOutside a loop: value_and_grad of a plain MSE w.r.t. the params (a training step's gradient).\n\n"
+        + "\n\nOutside a loop: value_and_grad of a plain MSE w.r.t. the params (a training step's gradient).\n\n"
         + common.markdown_table(
             ["network", "jdiff Conv s", "flax nn.Conv s", "nn.Conv / Conv", "max abs grad diff / max abs grad (per leaf)"],
             train_row)
