@@ -22,19 +22,21 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))
 EXECUTED = os.path.join(ROOT, "build", "notebooks")
 
 #: The settings CI runs each notebook with: every notebook's cost knobs, cut so that a notebook
-#: takes about a minute on a 2-core CPU, most of it compiling. The full defaults are in each
+#: takes well under a minute on a 2-core CPU, most of it compiling (10 to 30 training steps: at the
+#: suite's -O0 the steps run about 2x slower than at XLA's defaults, and halving them from 20-60 cut
+#: the adapt notebook's CPU from 64 s to 48 s). The full defaults are in each
 #: notebook's parameters cell. ``unet_levels=1`` gives the 8x8 and 16x16 U-Nets one level (no
 #: downsampling): smaller programs to compile, the same cells and pictures. The 28x28 Fashion-MNIST
 #: networks (cascade, adapt) keep two: at one level their middle attention spans 784 positions, and
 #: the cascade measured no faster with it.
 SMALL = {
-    "quickstart.ipynb": dict(train_steps=60, sample_steps=10, unet_levels=1),
-    "guidance.ipynb": dict(train_steps=60, classifier_steps=40, num_samples=20, sample_steps=8, unet_levels=1),
-    "editing.ipynb": dict(base_steps=40, inpaint_steps=20, sample_steps=10, unet_levels=1),
-    "cascade.ipynb": dict(base_steps=40, sr_steps=40, sample_steps=8),
-    "adapt.ipynb": dict(base_steps=40, controlnet_steps=30, dreambooth_steps=20, controlnet_examples=2000, num_prior=16,
+    "quickstart.ipynb": dict(train_steps=30, sample_steps=10, unet_levels=1),
+    "guidance.ipynb": dict(train_steps=30, classifier_steps=20, num_samples=20, sample_steps=8, unet_levels=1),
+    "editing.ipynb": dict(base_steps=20, inpaint_steps=10, sample_steps=10, unet_levels=1),
+    "cascade.ipynb": dict(base_steps=20, sr_steps=20, sample_steps=8),
+    "adapt.ipynb": dict(base_steps=20, controlnet_steps=15, dreambooth_steps=10, controlnet_examples=2000, num_prior=16,
                         sample_steps=8),
-    "text_to_image.ipynb": dict(judge_steps=60, text_steps=60, clip_steps=30, autoencoder_steps=40,
+    "text_to_image.ipynb": dict(judge_steps=30, text_steps=30, clip_steps=15, autoencoder_steps=20,
                                 num_prompts=16, sample_steps=8, unet_levels=1),
 }
 
