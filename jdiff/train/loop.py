@@ -325,6 +325,10 @@ def train_and_evaluate(
 
     A SIGTERM (a preemption notice) saves the current step and returns ``{"step", "preempted":
     True}`` without samples or evaluation; the same call resumes from exactly that step.
+
+    The jitted train step, init and state functions of the last 4 distinct requests (config,
+    data shape, mesh, FSDP) are kept in the process, so a repeated call (a resume, a notebook cell
+    run again) traces and compiles nothing new for them.
     """
     # Everything that can be wrong with the request is checked before the workdir is touched.
     config = adapt.resolve_base(config)  # an adaptation takes its network from config.base_workdir
