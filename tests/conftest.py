@@ -52,7 +52,6 @@ if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") and _x
     os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " " + FAST_COMPILE_FLAG
 
 
-
 def xla_defaults_env(env: dict | None = None) -> dict:
     """``env`` (default: this process's environment) with the suite's compile flags (-O0 and
     FAST_COMPILE_FLAG) taken out of ``XLA_FLAGS``, for a subprocess that should compile as users

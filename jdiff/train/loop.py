@@ -239,9 +239,6 @@ def _init_from(config: ml_collections.ConfigDict, params, trainable: str, mesh: 
 class _Programs:
     """The jitted functions of a training run and the state's target shapes and shardings."""
 
-    model: Any
-    schedule: Any
-    transform: Any
     make_params: Callable[[], Any]  # -> params, placed on the param shardings
     init_state: Callable[[Any], TrainState]  # params -> the initial state, placed on the state shardings
     train_step: Callable  # (state, global batch) -> (state, metrics), the state donated
@@ -258,7 +255,10 @@ _PROGRAMS_KEPT = 4
 
 
 def _programs(config: ml_collections.ConfigDict, model, schedule, transform, optimizer, image_shape: tuple,
-              mesh: Mesh, fsdp: bool, fsdp_min_size: int) -> _Programs:
+              mesh: Mesh, fsdp: bool, fsdp_min_size: int, init_key: jax.Array, state_key: jax.Array) -> _Programs:
+    """The programs of this request (see :data:`_PROGRAMS`): built from the given network, schedule,
+    transform and optimizer, or those of an earlier call with the same key. The PRNG keys are
+    functions of ``config.seed``, which the key holds."""
     try:
         key = (config.to_json(sort_keys=True), image_shape, mesh, bool(fsdp), int(fsdp_min_size))
     except (TypeError, ValueError):  # a value JSON cannot hold: build afresh, keep nothing
@@ -266,7 +266,6 @@ def _programs(config: ml_collections.ConfigDict, model, schedule, transform, opt
     if key is not None and key in _PROGRAMS:
         _PROGRAMS.move_to_end(key)
         return _PROGRAMS[key]
-    init_key, state_key, _ = jax.random.split(jax.random.key(config.seed), 3)
     example_cond = network.example_batch(model, image_shape, transform)["cond"]
     trainable = config.train.trainable
 
@@ -291,7 +290,7 @@ def _programs(config: ml_collections.ConfigDict, model, schedule, transform, opt
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=0,
     )
-    programs = _Programs(model, schedule, transform, jax.jit(make_params, out_shardings=param_shardings),
+    programs = _Programs(jax.jit(make_params, out_shardings=param_shardings),
                          jax.jit(init_state, out_shardings=state_shardings), train_step, target)
     if key is not None:
         _PROGRAMS[key] = programs
@@ -346,10 +345,9 @@ def train_and_evaluate(
     validate_run(config, model, dataset, schedule, transform)
 
     trainable = config.train.trainable
-    sample_key = jax.random.split(jax.random.key(config.seed), 3)[2]
+    init_key, state_key, sample_key = jax.random.split(jax.random.key(config.seed), 3)
     programs = _programs(config, model, schedule, transform, optimizer, tuple(dataset.image_shape), mesh, fsdp,
-                         fsdp_min_size)
-    model, schedule, transform = programs.model, programs.schedule, programs.transform
+                         fsdp_min_size, init_key, state_key)
     state = ckpt.restore(programs.target)  # onto the target shardings, whatever mesh wrote it
     if state is not None:
         logging.info("resumed from step %d in %s", int(state.step), workdir)
