@@ -71,6 +71,7 @@ def _export(out_dir: str) -> str:
 
 
 def main(argv):
+    common.configure_gc()
     common.configure_logging()
     if (_FROM.value is None) == (_TO.value is None):
         raise app.UsageError("expected exactly one of --from (import into --workdir) and --to (export --workdir)")

@@ -37,6 +37,7 @@ _BPD = flags.DEFINE_integer("bpd_examples", 300, "Test images for bits/dim (0: s
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.configure_gc()
     common.configure_logging()
     if _NUM.value < 1:
         raise app.UsageError(f"--num: expected a positive number of samples, got {_NUM.value}")

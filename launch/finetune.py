@@ -136,6 +136,7 @@ def write_set(config, workdir: str, settings: dict, subject: np.ndarray, shape: 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.configure_gc()
     common.configure_logging()
     config, settings, subject, shape = prepare(_CONFIG.value, _WORKDIR.value, _SUBJECT.value)
     common.configure_devices(config, shape)

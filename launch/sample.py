@@ -497,6 +497,7 @@ def _controlled(model, params, scales, extra, mesh):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.configure_gc()
     common.configure_logging()
     out = _OUT.value
     if not out.endswith((".png", ".npz")):

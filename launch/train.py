@@ -45,6 +45,7 @@ _FSDP = flags.DEFINE_bool("fsdp", False, "Shard params and optimizer state over 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.configure_gc()
     common.configure_logging()
     config = adapt.resolve_base(_CONFIG.value)  # ControlNet / DreamBooth / LoRA: the base workdir's network
     # Before anything touches a device: the CPU device count, then jax.distributed.

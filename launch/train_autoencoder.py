@@ -40,6 +40,7 @@ def main(argv):
         raise app.UsageError(f"--channel_mult: expected comma-separated positive ints, got {_MULT.value}") from None
     if not np.isfinite(_LR.value) or _LR.value <= 0:
         raise app.UsageError(f"--lr: expected a positive learning rate, got {_LR.value}")
+    common.configure_gc()
     common.configure_logging()
     common.configure_compilation_cache()
     data = {"name": _DATA.value, "resolution": _RESOLUTION.value, "num_examples": _NUM_EXAMPLES.value}

@@ -20,6 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and l
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.configure_gc()
     common.configure_logging()
     common.configure_compilation_cache()
     print(json.dumps(train_classifier(_CONFIG.value, _WORKDIR.value), indent=1))

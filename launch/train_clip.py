@@ -44,6 +44,7 @@ def main(argv):
             raise app.UsageError(f"{name}: expected an int >= {lo}, got {flag.value}")
     if not np.isfinite(_LR.value) or _LR.value <= 0:
         raise app.UsageError(f"--lr: expected a positive learning rate, got {_LR.value}")
+    common.configure_gc()
     common.configure_logging()
     common.configure_compilation_cache()
     schedule = schedules.get(_SCHEDULE.value, _T.value) if _NOISED.value else None

@@ -16,6 +16,7 @@ so its module-scoped fixtures are built once; the files that take longest are se
 """
 
 import os
+import runpy
 import shutil
 import tempfile
 
@@ -64,6 +65,14 @@ def xla_defaults_env(env: dict | None = None) -> dict:
     env["XLA_FLAGS"] = " ".join(flags.split())
     return env
 
+
+# Python's garbage collector at the thresholds the launch commands use (launch.common.GC_THRESHOLDS:
+# at Python's defaults its passes took a fifth of a short command's CPU): here, and through
+# tests/site/sitecustomize.py, first on PYTHONPATH, in every Python process the suite starts.
+SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site")
+if SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SITE, os.environ.get("PYTHONPATH", "")) if p)
+GC_THRESHOLDS = runpy.run_path(os.path.join(SITE, "sitecustomize.py"))["THRESHOLDS"]  # this process started without it
 
 import jax  # noqa: E402
 

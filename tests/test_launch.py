@@ -180,3 +180,38 @@ def test_inpainting_model_trains_and_inpaints_through_the_command_line(tmp_path,
     for (args, msg), (returncode, stderr, compiles) in zip(bad, results, strict=True):
         assert returncode != 0 and msg in stderr and compiles == 0, (args, compiles, stderr[-2000:])
     assert not os.path.exists(tmp_path / "bad.png")
+
+
+def test_every_command_sets_the_gc_thresholds_and_so_does_every_process_the_suite_starts():
+    """``launch.common.configure_gc`` sets :data:`launch.common.GC_THRESHOLDS`; every command's
+    ``main`` calls it first; tests/site/sitecustomize.py gives a process the suite starts the same."""
+    import ast
+    import gc
+    import glob
+
+    from conftest import GC_THRESHOLDS
+
+    from launch import common
+
+    assert common.GC_THRESHOLDS == GC_THRESHOLDS != (700, 10, 10)
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        common.configure_gc()
+        assert gc.get_threshold() == common.GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)
+    checked = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "launch", "*.py"))):
+        tree = ast.parse(open(path).read())
+        mains = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "main"]
+        if not mains or "app.run(" not in open(path).read():
+            continue
+        calls = [ast.unparse(n.func) for n in ast.walk(mains[0]) if isinstance(n, ast.Call)]
+        assert "common.configure_gc" in calls, f"{path}: main() does not call common.configure_gc()"
+        assert calls.index("common.configure_gc") < calls.index("common.configure_logging"), path
+        checked.append(os.path.basename(path))
+    assert len(checked) == 8 and "train.py" in checked and "sample.py" in checked, checked
+    child = subprocess.run([sys.executable, "-c", "import gc; print(tuple(gc.get_threshold()))"], capture_output=True,
+                           text=True, check=True)
+    assert child.stdout.strip() == str(tuple(common.GC_THRESHOLDS)), child
