@@ -30,7 +30,6 @@ import jdiff  # noqa: E402  (imports jax; nothing runs on a device yet)
 
 jdiff.parallel.use_cpu_cores()
 
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402

@@ -437,13 +437,9 @@ if __name__ == "__main__" and sys.argv[1:2] == ["write-format-checkpoint"]:
 # --------------------------------------------------------------------------- kills (slow)
 
 
-def _env(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # Every restart would compile the same train step again: the persistent cache makes a
-    # restart cost its import time. It does not change the compiled programs.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    return env
+def _read(path):
+    with open(path) as f:
+        return f.read()
 
 
 @pytest.mark.slow
@@ -451,7 +447,10 @@ def test_sigkill_during_saves_20_times_leaves_only_finished_steps(tmp_path):
     """20 times: SIGKILL the saving process at a random moment during a save (0-400 ms after it
     starts); the newest visible step is always the previous finished one (or the one being
     saved, if it finished in time), every visible step restores to what was saved, and the
-    next process resumes and saves normally (tests/workers/save_forever.py)."""
+    next process resumes and saves normally (tests/workers/save_forever.py, each process a child
+    of tests/forked.py's fork server)."""
+    import forked
+
     sys.path.insert(0, os.path.join(ROOT, "tests", "workers"))
     import save_forever
 
@@ -459,26 +458,21 @@ def test_sigkill_during_saves_20_times_leaves_only_finished_steps(tmp_path):
     rng = random.Random(0)
     outcomes = []
     for trial in range(20):
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "workers", "save_forever.py"), workdir],
-                                cwd=ROOT, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        finished, saving = None, None
+        out, err = str(tmp_path / f"out{trial}"), str(tmp_path / f"err{trial}")
+        proc = forked.start_function("save_forever", "main", (workdir,), out, err)
         target_saves = rng.randint(1, 3)
-        for line in proc.stdout:
+        for line in forked.follow(out, proc):
             kind, step = line.split()
-            if kind == "resumed":
-                finished = int(step)
-            elif kind == "saved":
-                finished = int(step)
-            elif kind == "saving":
-                saving = int(step)
-                if saving - (outcomes[-1]["resumed"] if outcomes else 0) >= target_saves:
-                    time.sleep(rng.uniform(0.0, 0.4))
-                    proc.send_signal(signal.SIGKILL)
-                    break
-        proc.wait(timeout=60)
-        for line in proc.stdout:  # what it printed before dying (it may have got further than read so far)
+            if kind == "saving" and int(step) - (outcomes[-1]["resumed"] if outcomes else 0) >= target_saves:
+                time.sleep(rng.uniform(0.0, 0.4))
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        proc.join(timeout=60)
+        assert proc.exitcode == -signal.SIGKILL, (trial, proc.exitcode, _read(err)[-2000:])
+        finished, saving = None, None
+        for line in _read(out).splitlines():  # all it printed before dying (it may have got further than read)
             kind, step = line.split()
-            if kind == "saved":
+            if kind in ("resumed", "saved"):
                 finished = int(step)
             elif kind == "saving":
                 saving = int(step)
@@ -498,15 +492,27 @@ def test_sigkill_at_5_random_moments_then_resume_is_bit_identical(tmp_path):
     """A real `launch.train` process SIGKILLed at 5 random moments (one of them while a
     checkpoint is being written), restarted each time with the same command: params, EMA,
     optimizer state, step, RNG and every per-step loss equal the uninterrupted run's. Then
-    SIGTERM (a preemption notice): it saves the step it is at, exits 0, and resumes from there."""
+    SIGTERM (a preemption notice): it saves the step it is at, exits 0, and resumes from there.
+    Each process is a child of tests/forked.py's fork server running the command's main."""
+    import forked
+
     args = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--config.train.num_steps=40",
             "--config.train.checkpoint_every=5", "--config.train.log_every=1", "--config.sample.num=4"]
-    env = _env(tmp_path)
+    logs = iter(range(1000))
+
+    def start(wd):
+        i = next(logs)
+        out, err = str(tmp_path / f"out{i}"), str(tmp_path / f"err{i}")
+        return forked.start_command("launch.train", [*args, "--workdir", wd], out, err), out, err
+
+    def run(wd):
+        proc, out, err = start(wd)
+        proc.join(timeout=600)
+        assert proc.exitcode == 0, (proc.exitcode, _read(err)[-2000:])
+        return _read(out)
+
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    cmd = lambda wd: [sys.executable, "-m", "launch.train", *args, "--workdir", wd]  # noqa: E731
-    run = lambda wd: subprocess.run(cmd(wd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # noqa: E731
-    r = run(full)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run(full)
 
     def logged(wd):
         path = os.path.join(wd, "metrics.jsonl")
@@ -518,25 +524,25 @@ def test_sigkill_at_5_random_moments_then_resume_is_bit_identical(tmp_path):
     rng = random.Random(1)
     kills = []
     for trial in range(5):
-        proc = subprocess.Popen(cmd(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start = logged(killed)
+        proc, _, err = start(killed)
+        start_losses = logged(killed)
         wait_for = rng.randint(1, 6)
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
+        while time.time() < deadline and proc.is_alive():
             if trial == 2 and saving(killed):  # during a save
                 break
-            if trial != 2 and logged(killed) - start >= wait_for:
+            if trial != 2 and logged(killed) - start_losses >= wait_for:
                 time.sleep(rng.uniform(0, 0.2))
                 break
             time.sleep(0.002)
         during_save = bool(saving(killed))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.is_alive(), (trial, proc.exitcode, _read(err)[-2000:])  # killed, not finished or crashed
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
         kills.append({"after_losses": logged(killed), "during_save": during_save,
                       "steps": Checkpointer(killed).steps()})
     assert any(k["during_save"] for k in kills), kills
-    r = run(killed)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run(killed)
     ck_full, ck_killed = Checkpointer(full), Checkpointer(killed)
     a, b = ck_full.restore(abstract_state(), move_aside=False), ck_killed.restore(abstract_state(), move_aside=False)
     assert int(a.step) == int(b.step) == 40
@@ -547,19 +553,19 @@ def test_sigkill_at_5_random_moments_then_resume_is_bit_identical(tmp_path):
     assert sorted(losses_by_step(full)) == list(range(1, 41))
 
     termed = str(tmp_path / "termed")
-    proc = subprocess.Popen(cmd(termed), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, out, err = start(termed)
     deadline = time.time() + 300
     while logged(termed) < 12 and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(timeout=300)
+    assert proc.exitcode == 0, (proc.exitcode, _read(err)[-2000:])
+    out = _read(out)
     stopped = json.loads(out[out.index("{"):])
     assert stopped["preempted"] and 12 <= stopped["step"] < 40, stopped
     assert Checkpointer(termed).steps()[-1] == stopped["step"]  # saved where it stopped, not at a multiple of 5
     assert not os.path.exists(os.path.join(termed, "samples.png"))
-    r = run(termed)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run(termed)
     ck = Checkpointer(termed)
     for x, y in zip(leaves(ck.restore(abstract_state(), move_aside=False)), leaves(a)):
         np.testing.assert_array_equal(x, y)
