@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from commands import run_commands
 from conftest import randomize_torch, require_modules
 
 from jdiff import diffusion, samplers, schedules
@@ -483,12 +484,13 @@ def test_classifier_guidance_from_the_command_line(gd, tmp_path_factory):
         jnp.arange(4), labels])
     lp = np.asarray(log_p(c.params, jnp.concatenate([jnp.asarray(guided), jnp.asarray(plain)])))
     assert np.all(lp[:2] > lp[2:]), (lp[:2], lp[2:])
-    bad = subprocess.run([sys.executable, "-m", "launch.sample", "--workdir", mdir, "--classifier_workdir", cdir,
-                          "--classifier_scale", "1", "--label", "1000", "--out", str(tmp / "y.npz")], cwd=root,
-                         env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "--label: expected labels in [0, 1000)" in bad.stderr, bad.stderr[-2000:]
-    bad = subprocess.run([sys.executable, "-m", "launch.sample", "--workdir", mdir, "--classifier_workdir", mdir,
-                          "--classifier_scale", "1", "--out", str(tmp / "y.npz")], cwd=root,
-                         env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "expected a noise-aware classifier" in bad.stderr, bad.stderr[-2000:]
+    # The refusals, both in one process (tests/commands.py), before anything is compiled.
+    refused = run_commands("launch.sample", [
+        ["--workdir", mdir, "--classifier_workdir", cdir, "--classifier_scale", "1", "--label", "1000", "--out",
+         str(tmp / "y.npz")],
+        ["--workdir", mdir, "--classifier_workdir", mdir, "--classifier_scale", "1", "--out", str(tmp / "y.npz")],
+    ], {**os.environ, "PYTHONPATH": root})
+    for (code, stderr, compiles), message in zip(refused, ["--label: expected labels in [0, 1000)",
+                                                           "expected a noise-aware classifier"], strict=True):
+        assert code != 0 and message in stderr and compiles == 0, (message, code, compiles, stderr[-2000:])
     assert not (tmp / "y.npz").exists()
