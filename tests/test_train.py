@@ -157,6 +157,18 @@ def test_a_repeated_run_reuses_the_programs_of_the_first(trained, tmp_path, monk
     assert 1 <= len(loop._PROGRAMS) <= loop._PROGRAMS_KEPT
 
 
+def test_sample_num_0_ends_without_a_grid_and_never_samples(trained, tmp_path, monkeypatch):
+    """``config.sample.num = 0``: the run draws no grid (no samples.png, no ``samples_png`` in its
+    metrics) and never calls the sampler; the training is the same (params equal the run with a grid)."""
+    monkeypatch.setattr(loop, "generate", lambda *a, **kw: pytest.fail("the sampler was called"))
+    workdir = str(tmp_path / "no_grid")
+    metrics = loop.train_and_evaluate(tiny_config(**{"sample.num": 0}), workdir)
+    assert metrics["step"] == 6 and "samples_png" not in metrics, metrics
+    assert not os.path.exists(os.path.join(workdir, "samples.png"))
+    for la, lb in zip(jax.tree.leaves(_params(trained[0], 6)), jax.tree.leaves(_params(workdir, 6))):
+        np.testing.assert_array_equal(la, lb)
+
+
 def test_other_experiment_in_workdir_is_refused(trained, tmp_path):
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained[0], workdir)

@@ -131,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.init_new_classes_from = ()
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.num = 64
+    c.sample.num = 64  # the grid a run draws at its end (and every train.sample_every steps); 0: none
     c.sample.method = "ddpm"
     c.sample.steps = ml_collections.FieldReference(None, field_type=int)
     c.sample.eta = ml_collections.FieldReference(None, field_type=float)  # DDIM eta (None: the sampler's default)
@@ -241,10 +241,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         v = config.eval[name]
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"config.eval.{name}: expected an int >= 0, got {v!r}")
-    for name in ("num", "batch_size"):
+    for name, least in (("num", 0), ("batch_size", 1)):
         v = config.sample[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"config.sample.{name}: expected a positive int, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"config.sample.{name}: expected an int >= {least}, got {v!r}")
+    if config.sample.num == 0 and config.train.sample_every:
+        raise ValueError(f"config.train.sample_every: {config.train.sample_every!r} asks for a grid every so many steps, "
+                         "but config.sample.num is 0 (no grids); set sample_every to 0 or sample.num >= 1")
     g = config.sample.guidance
     if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
         raise ValueError(f"config.sample.guidance: expected a finite weight >= 0, got {g!r}")

@@ -466,9 +466,10 @@ def train_and_evaluate(
     if bar is not None:
         bar.close()
 
-    grid = _write_samples(config, model, state, schedule, dataset, sample_key, os.path.join(workdir, "samples.png"), mesh)
-    final = {"step": int(jax.device_get(state.step)), "num_params": num_params, "num_trainable_params": num_trainable,
-             "samples_png": grid}
+    final = {"step": int(jax.device_get(state.step)), "num_params": num_params, "num_trainable_params": num_trainable}
+    if config.sample.num:  # 0: no grid, and no sampler to compile
+        final["samples_png"] = _write_samples(config, model, state, schedule, dataset, sample_key,
+                                              os.path.join(workdir, "samples.png"), mesh)
     if log is not None and os.path.exists(log.path):
         with open(log.path) as f:
             lines = [json.loads(line) for line in f if line.strip()]
