@@ -53,7 +53,7 @@ GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def configure_gc() -> None:
-    """Set :data:`GC_THRESHOLDS` (call first thing in ``main``; a command owns its process)."""
+    """Set :data:`GC_THRESHOLDS` (call in ``main`` before anything is traced; a command owns its process)."""
     gc.set_threshold(*GC_THRESHOLDS)
 
 

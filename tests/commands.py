@@ -27,17 +27,34 @@ end runs as ``python -m`` on its own.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+def main_block(module: types.ModuleType) -> types.CodeType:
+    """The one ``if __name__ == "__main__":`` block of ``module``'s source, compiled with its file
+    name: ``exec(main_block(module), vars(module))`` with ``sys.argv = [module.__file__, *ARGS]``
+    runs the command as ``python -m MODULE ARGS`` would after its imports."""
+    tree = ast.parse(open(module.__file__).read(), module.__file__)
+    blocks = [node.body for node in tree.body
+              if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
+    assert len(blocks) == 1, f"{module.__name__}: expected one `if __name__ == '__main__':` block"
+    return compile(ast.Module(blocks[0], type_ignores=[]), module.__file__, "exec")
+
 
 #: Runs the cases of one module (argv[1]; a JSON list of argument lists in argv[2]) as the module
 #: docstring says; prints the JSON list of [exit code, stderr, XLA compiles] as its last line.
 _RUN_COMMANDS = r"""
-import ast, contextlib, importlib, io, json, sys, traceback
+import contextlib, importlib, io, json, sys, traceback
+sys.path.append(sys.argv.pop(3))  # tests/, for tests/commands.py's main_block
+import commands
 from absl import flags
 from jax import monitoring
 
@@ -50,11 +67,7 @@ def count(event, duration, **kwargs):
 monitoring.register_event_duration_secs_listener(count)
 name = sys.argv[1]
 module = importlib.import_module(name)
-tree = ast.parse(open(module.__file__).read(), module.__file__)
-blocks = [node.body for node in tree.body
-          if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
-assert len(blocks) == 1, f"{name}: expected one `if __name__ == '__main__':` block"
-main_block = compile(ast.Module(blocks[0], type_ignores=[]), module.__file__, "exec")
+main_block = commands.main_block(module)
 results = []
 for args in json.loads(sys.argv[2]):
     flags.FLAGS.unparse_flags()
@@ -81,7 +94,7 @@ def start_commands(module: str, argvs: list[list[str]], env: dict | None = None)
     """A process that runs ``python -m module *args`` for every ``args`` in ``argvs``, in turn
     (see the module docstring); collect it with :func:`finish_commands`. ``env``: the process's
     environment (None: this one's); it runs in the repository root."""
-    return subprocess.Popen([sys.executable, "-c", _RUN_COMMANDS, module, json.dumps(argvs)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-c", _RUN_COMMANDS, module, json.dumps(argvs), TESTS], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -67,7 +67,7 @@ def xla_defaults_env(env: dict | None = None) -> dict:
 
 
 # Python's garbage collector at the thresholds the launch commands use (launch.common.GC_THRESHOLDS:
-# at Python's defaults its passes took a fifth of a short command's CPU): here, and through
+# at Python's defaults its passes took a tenth of a short command's CPU): here, and through
 # tests/site/sitecustomize.py, first on PYTHONPATH, in every Python process the suite starts.
 SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site")
 if SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):

@@ -16,7 +16,6 @@ function of a preloaded module. The server inherits this process's environment w
 
 from __future__ import annotations
 
-import ast
 import importlib
 import multiprocessing
 import os
@@ -51,14 +50,12 @@ def _redirect(stdout: str, stderr: str) -> None:
 
 
 def _run_main_block(module_name: str, args: list[str], stdout: str, stderr: str) -> None:
+    from commands import main_block
+
     _redirect(stdout, stderr)
     module = importlib.import_module(module_name)
-    tree = ast.parse(open(module.__file__).read(), module.__file__)
-    blocks = [node.body for node in tree.body
-              if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
-    assert len(blocks) == 1, f"{module_name}: expected one `if __name__ == '__main__':` block"
     sys.argv = [module.__file__, *args]
-    exec(compile(ast.Module(blocks[0], type_ignores=[]), module.__file__, "exec"), vars(module))  # noqa: S102
+    exec(main_block(module), vars(module))  # noqa: S102
 
 
 def _run_function(module_name: str, function: str, args: tuple, stdout: str, stderr: str) -> None:
