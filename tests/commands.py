@@ -3,7 +3,8 @@
 Tests check that a bad command line (``python -m launch.X ARGS``) exits non-zero, names the
 bad flag on stderr and writes nothing. A fresh process per such case costs seconds of CPU
 importing JAX, Flax and jdiff, for a refusal that takes milliseconds; so the cases of one
-module run in turn in one process (:func:`run_commands`).
+module run in turn in one process (:func:`run_commands`), a child of tests/forked.py's fork
+server, which has those imported.
 
 A case ``ARGS`` of module ``MODULE`` runs as ``python -m MODULE ARGS`` would, after the
 import: ``sys.argv`` is ``[MODULE's file, *ARGS]`` (ml_collections' config flags read their
@@ -22,16 +23,18 @@ listener on the backend-compile event, which fires for persistent-cache hits too
 must come before anything is loaded or compiled, and callers assert the count is 0.
 
 For commands that fail before loading a checkpoint or compiling; a command that runs to the
-end runs as ``python -m`` on its own.
+end runs in a process of its own (tests/forked.py's :func:`forked.run_module`).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
-import subprocess
+import shutil
 import sys
+import tempfile
 import types
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -49,68 +52,90 @@ def main_block(module: types.ModuleType) -> types.CodeType:
     return compile(ast.Module(blocks[0], type_ignores=[]), module.__file__, "exec")
 
 
-#: Runs the cases of one module (argv[1]; a JSON list of argument lists in argv[2]) as the module
-#: docstring says; prints the JSON list of [exit code, stderr, XLA compiles] as its last line.
-_RUN_COMMANDS = r"""
-import contextlib, importlib, io, json, sys, traceback
-sys.path.append(sys.argv.pop(3))  # tests/, for tests/commands.py's main_block
-import commands
-from absl import flags
-from jax import monitoring
+def run_cases(module_name: str, argvs: list[list[str]], result: str) -> None:
+    """Runs the cases of one module, in turn, in this process (as the module docstring says), and
+    writes the JSON list of [exit code, stderr, XLA compiles] of each to the file ``result``.
+    Called in a child of tests/forked.py's fork server by :func:`start_commands`."""
+    import contextlib
+    import io
+    import traceback
 
-compiles = [0]
+    from absl import flags
+    from jax import monitoring
 
-def count(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-        compiles[0] += 1
+    compiles = [0]
 
-monitoring.register_event_duration_secs_listener(count)
-name = sys.argv[1]
-module = importlib.import_module(name)
-main_block = commands.main_block(module)
-results = []
-for args in json.loads(sys.argv[2]):
-    flags.FLAGS.unparse_flags()
-    for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # ml_collections defines them per parse
-        delattr(flags.FLAGS, name)
-    sys.argv = [module.__file__, *args]
-    err, code, before = io.StringIO(), 0, compiles[0]
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            exec(main_block, vars(module))
-        except SystemExit as e:  # as the interpreter turns it into an exit code
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-        except Exception:  # what the interpreter does with an uncaught exception
-            traceback.print_exc()
-            code = 1
-    results.append([code, err.getvalue(), compiles[0] - before])
-print(json.dumps(results))
-"""
+    def count(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles[0] += 1
+
+    monitoring.register_event_duration_secs_listener(count)
+    module = importlib.import_module(module_name)
+    block = main_block(module)
+    results = []
+    for args in argvs:
+        flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # ml_collections defines them per parse
+            delattr(flags.FLAGS, name)
+        sys.argv = [module.__file__, *args]
+        err, code, before = io.StringIO(), 0, compiles[0]
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                exec(block, vars(module))  # noqa: S102
+            except SystemExit as e:  # as the interpreter turns it into an exit code
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:  # what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                code = 1
+        results.append([code, err.getvalue(), compiles[0] - before])
+    with open(result, "w") as f:
+        json.dump(results, f)
 
 
-def start_commands(module: str, argvs: list[list[str]], env: dict | None = None) -> subprocess.Popen:
+class Started:
+    """The process :func:`start_commands` started, and the files it writes."""
+
+    def __init__(self, module: str, argvs: list[list[str]]):
+        import forked
+
+        self.dir = tempfile.mkdtemp(prefix="jdiff-commands-")
+        self.result, self.stderr = os.path.join(self.dir, "result.json"), os.path.join(self.dir, "stderr")
+        self.proc = forked.start_function("commands", "run_cases", (module, argvs, self.result),
+                                          os.path.join(self.dir, "stdout"), self.stderr)
+
+    def poll(self) -> int | None:
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join()
+
+
+def start_commands(module: str, argvs: list[list[str]]) -> Started:
     """A process that runs ``python -m module *args`` for every ``args`` in ``argvs``, in turn
-    (see the module docstring); collect it with :func:`finish_commands`. ``env``: the process's
-    environment (None: this one's); it runs in the repository root."""
-    return subprocess.Popen([sys.executable, "-c", _RUN_COMMANDS, module, json.dumps(argvs), TESTS], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (see the module docstring), in the repository root; collect it with :func:`finish_commands`.
+    It is a child of tests/forked.py's fork server: it imports the command, not JAX."""
+    return Started(module, argvs)
 
 
-def finish_commands(proc: subprocess.Popen, timeout: float = 300) -> list[tuple[int, str, int]]:
+def finish_commands(started: Started, timeout: float = 300) -> list[tuple[int, str, int]]:
     """[(exit code, stderr, XLA compiles)] of each case of :func:`start_commands`, in order."""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        started.proc.join(timeout)
+        if started.proc.exitcode is None:
+            started.kill()
+            raise TimeoutError(f"{started.proc}: the cases did not finish within {timeout} s")
+        with open(started.stderr) as f:
+            assert started.proc.exitcode == 0 and os.path.exists(started.result), f.read()[-3000:]
+        with open(started.result) as f:
+            return [tuple(r) for r in json.load(f)]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    return [tuple(r) for r in json.loads(out.strip().splitlines()[-1])]
+        shutil.rmtree(started.dir, ignore_errors=True)
 
 
-def run_commands(module: str, argvs: list[list[str]], env: dict | None = None,
-                 timeout: float = 300) -> list[tuple[int, str, int]]:
+def run_commands(module: str, argvs: list[list[str]], timeout: float = 300) -> list[tuple[int, str, int]]:
     """[(exit code, stderr, XLA compiles)] of ``python -m module *args`` for each ``args`` in
-    ``argvs``, in order, run in one fresh process (see the module docstring)."""
-    return finish_commands(start_commands(module, argvs, env), timeout)
+    ``argvs``, in order, run in one process (see the module docstring)."""
+    return finish_commands(start_commands(module, argvs), timeout)

@@ -417,8 +417,6 @@ def cli_runs(tmp_path_factory):
     inputs, outputs = tmp_path_factory.mktemp("inputs"), tmp_path_factory.mktemp("outputs")
     _write_inputs(inputs)
     workdir = tmp_path_factory.mktemp("tiny") / "workdir"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     inputs_before = disk_state(inputs)
 
     def argv(case):
@@ -430,7 +428,7 @@ def cli_runs(tmp_path_factory):
 
     def start(module):
         cases = [c for c in CLI_CASES if c.args[0] == module]
-        return cases, start_commands(module, [argv(c) for c in cases], env)
+        return cases, start_commands(module, [argv(c) for c in cases])
 
     needs_workdir = lambda module: any("{w}" in a for c in CLI_CASES if c.args[0] == module for a in c.args)  # noqa: E731
     modules = list(dict.fromkeys(c.args[0] for c in CLI_CASES))

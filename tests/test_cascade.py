@@ -6,7 +6,6 @@ input refused before anything compiles or is written."""
 import dataclasses
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -23,6 +22,7 @@ from jdiff.train import network, transforms
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import fashion_mnist_base14, fashion_mnist_sr  # noqa: E402
+import forked  # noqa: E402
 from commands import run_commands  # noqa: E402
 
 
@@ -386,17 +386,13 @@ def test_command_line_refuses_bad_cascades(case, cli_runs):
 def test_a_cascade_trains_and_samples_through_the_command_line(tmp_path):
     """configs/fashion_mnist_base14.py:small and configs/fashion_mnist_sr.py:small train through
     launch.train; launch.sample runs the cascade (both augmentation modes) and --low_res."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-
     def run(*args):
-        r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        r = forked.run_module(*args, timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         return r
 
     base, sr = str(tmp_path / "base"), str(tmp_path / "sr")
-    trains = [subprocess.Popen([sys.executable, "-m", "launch.train", "--config", cfg, "--workdir", w], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trains = [forked.popen_module("launch.train", "--config", cfg, "--workdir", w)
               for cfg, w in (("configs/fashion_mnist_base14.py:small", base), ("configs/fashion_mnist_sr.py:small", sr))]
     for p in trains:
         _, err = p.communicate(timeout=900)

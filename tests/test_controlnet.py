@@ -7,7 +7,6 @@ or is written."""
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -28,6 +27,7 @@ from jdiff.workdir import load_for_sampling
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import fashion_mnist, fashion_mnist_controlnet  # noqa: E402
+import forked  # noqa: E402
 from commands import run_commands  # noqa: E402
 
 FIELDS = dict(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_classes=3,
@@ -289,8 +289,7 @@ def _edges_png(path, size=28, channels=1):
 
 
 def _sample(*args):
-    return subprocess.run([sys.executable, "-m", "launch.sample", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    return forked.run_module("launch.sample", *args)
 
 
 def test_command_line_samples_with_control_scales_and_composition(trained, tmp_path):

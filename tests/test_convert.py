@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import forked
 from conftest import randomize_torch, require_modules
 from flax import traverse_util
 
@@ -387,9 +387,7 @@ def test_pickles_are_read_as_weights_only(cases, tmp_path, torch_stack):
 
 
 def _run(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "launch.convert", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return forked.run_module("launch.convert", *args, timeout=timeout)
 
 
 def test_command_line_import_sample_export(cases, tmp_path, torch_stack):
@@ -402,17 +400,14 @@ def test_command_line_import_sample_export(cases, tmp_path, torch_stack):
     assert cfg["data"]["name"] == "none" and cfg["data"]["image_shape"] == [16, 16, 1]
     assert cfg["diffusion"]["parameterization"] == "v" and cfg["sample"]["method"] == "ddim"
     assert json.loads((work / "imported_from.json").read_text())["format"] == "diffusers"
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, "-m", "launch.sample", "--workdir", str(work), "--num", "2", "--steps", "3",
-                        "--label", "1", "--label", "2", "--out", str(tmp_path / "s.png")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = forked.run_module("launch.sample", "--workdir", str(work), "--num", "2", "--steps", "3", "--label", "1",
+                          "--label", "2", "--out", str(tmp_path / "s.png"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "s.png").exists()
-    evaluate = [sys.executable, "-m", "launch.evaluate", "--workdir", str(work), "--num", "2", "--steps", "2",
-                "--out", str(tmp_path / "m.json")]
-    r = subprocess.run(evaluate, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    evaluate = ["launch.evaluate", "--workdir", str(work), "--num", "2", "--steps", "2", "--out", str(tmp_path / "m.json")]
+    r = forked.run_module(*evaluate, timeout=300)
     assert r.returncode != 0 and "has no dataset" in r.stderr and not (tmp_path / "m.json").exists(), r.stderr[-2000:]
-    r = subprocess.run(evaluate + ["--bpd_examples", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = forked.run_module(*evaluate, "--bpd_examples", "0", timeout=300)
     assert r.returncode == 0 and json.loads((tmp_path / "m.json").read_text())["num_samples"] == 2, r.stderr[-2000:]
     r = _run("--to", "diffusers", "--workdir", str(work), str(tmp_path / "exported"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -490,15 +485,13 @@ def test_a_model_trained_in_jdiff_runs_in_diffusers(torch_stack, tmp_path):
     same outputs as the workdir's EMA params in jdiff. Without the group count the export is
     refused, naming model.norm_num_groups, and nothing is written."""
     torch, diffusers_lib = torch_stack
-    env = {**os.environ, "PYTHONPATH": ROOT}
     grouped = tmp_path / "tiny_g4.py"  # a config file: command-line overrides cannot add a key
     grouped.write_text("import importlib.util\n"
                        f"spec = importlib.util.spec_from_file_location('tiny', {os.path.join(ROOT, 'configs', 'tiny.py')!r})\n"
                        "tiny = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(tiny)\n\n\n"
                        "def get_config():\n    c = tiny.get_config()\n    c.model.norm_num_groups = 4\n    return c\n")
     work, plain = tmp_path / "tiny_g4", tmp_path / "tiny"
-    r = subprocess.run([sys.executable, "-m", "launch.train", "--config", str(grouped), "--workdir", str(work)], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = forked.run_module("launch.train", "--config", str(grouped), "--workdir", str(work))
     assert r.returncode == 0, r.stderr[-3000:]
     # configs/tiny.py's workdir without a second training run: the grouped one with the group count
     # dropped from its config.json and experiment.json, i.e. configs/tiny.py's config (GroupNorm's

@@ -452,21 +452,15 @@ GUIDED_CLASSIFIER = dict(image_size=64, classifier_width=32, classifier_depth=1,
 def test_classifier_guidance_from_the_command_line(gd, tmp_path_factory):
     """launch.sample --classifier_workdir on imported ADM workdirs equals jdiff.inference.generate
     with the classifier, and the classifier moves the samples (scale 0 would not)."""
-    import os
-    import subprocess
-    import sys
-
+    import forked
     from jdiff.inference import generate
 
     model = _model_case(gd, tmp_path_factory, GUIDED_MODEL, seed=5)
     clf = _classifier_case(gd, tmp_path_factory, GUIDED_CLASSIFIER, seed=6)
     tmp = tmp_path_factory.mktemp("guided")
     mdir, cdir = write_workdir(model.imported, str(tmp / "adm")), write_workdir(clf.imported, str(tmp / "clf"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "launch.sample", "--workdir", mdir, "--classifier_workdir", cdir,
-                        "--classifier_scale", "300", "--num", "2", "--steps", "2", "--label", "7", "--label", "300",
-                        "--out", str(tmp / "x.npz")], cwd=root, env={**os.environ, "PYTHONPATH": root},
-                       capture_output=True, text=True, timeout=600)
+    r = forked.run_module("launch.sample", "--workdir", mdir, "--classifier_workdir", cdir, "--classifier_scale", "300",
+                          "--num", "2", "--steps", "2", "--label", "7", "--label", "300", "--out", str(tmp / "x.npz"))
     assert r.returncode == 0, r.stderr[-3000:]
     cli = np.load(tmp / "x.npz")["samples"]
     m, c = workdir_lib.load_for_sampling(mdir), workdir_lib.load_for_sampling(cdir)
@@ -489,7 +483,7 @@ def test_classifier_guidance_from_the_command_line(gd, tmp_path_factory):
         ["--workdir", mdir, "--classifier_workdir", cdir, "--classifier_scale", "1", "--label", "1000", "--out",
          str(tmp / "y.npz")],
         ["--workdir", mdir, "--classifier_workdir", mdir, "--classifier_scale", "1", "--out", str(tmp / "y.npz")],
-    ], {**os.environ, "PYTHONPATH": root})
+    ])
     for (code, stderr, compiles), message in zip(refused, ["--label: expected labels in [0, 1000)",
                                                            "expected a noise-aware classifier"], strict=True):
         assert code != 0 and message in stderr and compiles == 0, (message, code, compiles, stderr[-2000:])

@@ -7,7 +7,6 @@ network exactly, and bad input refused before anything is written."""
 import json
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -25,6 +24,7 @@ sys.path.insert(0, ROOT)
 from configs import fashion_mnist, fashion_mnist_dreambooth  # noqa: E402
 from launch import finetune  # noqa: E402
 
+import forked  # noqa: E402
 from commands import run_commands  # noqa: E402
 
 
@@ -233,9 +233,8 @@ def test_finetune_refuses_bad_input_before_writing(refusals, case):
 
 def test_sample_with_an_adapter_on_the_base(tuned, tmp_path):
     out = tmp_path / "v.npz"
-    r = subprocess.run([sys.executable, "-m", "launch.sample", "--workdir", tuned["base"], "--adapter", tuned["adapter"],
-                        "--label", "10", "--num", "3", "--steps", "2", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+    r = forked.run_module("launch.sample", "--workdir", tuned["base"], "--adapter", tuned["adapter"], "--label", "10",
+                          "--num", "3", "--steps", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     x = np.load(out)
     assert x["samples"].shape == (3, 28, 28, 1) and list(x["labels"]) == [10, 10, 10]

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +20,9 @@ from jdiff.train import autoencoder as ae_lib
 from jdiff.train import clip as clip_lib
 from jdiff.train.loop import train_and_evaluate
 
+import forked
 from commands import finish_commands, start_commands
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AE_TINY = dict(latent_channels=4, base_channels=8, channel_mult=(1, 2), num_res_blocks=1)
 DATA = {"name": "captioned_shapes", "resolution": 16, "num_examples": 200}
 
@@ -191,9 +189,8 @@ def test_latent_text_model_trains_and_samples_pixels(autoencoder, tmp_path):
     grid = np.asarray(Image.open(os.path.join(workdir, "samples.png")))
     assert grid.shape == np.asarray(Image.open(tmp_path / "pixels.png")).shape  # decoded: 16x16 RGB tiles
     out = str(tmp_path / "x.npz")
-    r = subprocess.run([sys.executable, "-m", "launch.sample", "--workdir", workdir, "--num", "3", "--out", out,
-                        "--prompt", "a red disc at the top left", "--guidance", "1"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+    r = forked.run_module("launch.sample", "--workdir", workdir, "--num", "3", "--out", out, "--prompt",
+                          "a red disc at the top left", "--guidance", "1")
     assert r.returncode == 0, r.stderr[-3000:]
     x = np.load(out)["samples"]
     assert x.shape == (3, 16, 16, 3)
@@ -214,8 +211,7 @@ def test_training_commands(tmp_path):
     """launch.train_autoencoder and launch.train_clip write directories their loaders read; bad
     flags are refused by name and write nothing."""
     def run(*args):
-        return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+        return forked.popen_module(*args)
 
     ae_dir, clip_dir = str(tmp_path / "ae"), str(tmp_path / "clip")
     ok = [run("launch.train_autoencoder", "--workdir", ae_dir, "--steps", "3", "--num_examples", "64", "--batch_size", "8",

@@ -18,6 +18,7 @@ from jdiff.train import network
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import tiny, tiny_image_cond  # noqa: E402
+import forked  # noqa: E402
 from commands import run_commands  # noqa: E402
 
 
@@ -68,26 +69,19 @@ def test_generate_takes_a_cond_dict():
                  steps=2)
 
 
-@pytest.fixture(scope="module")
-def cli_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def _run(args, env):
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+def _run(args):
+    return forked.run_module(*args)
 
 
 @pytest.mark.slow  # two CLI processes that compile a U-Net: ~45-60 s
-def test_image_conditioned_model_trains_and_samples_through_the_command_line(tmp_path, cli_env):
+def test_image_conditioned_model_trains_and_samples_through_the_command_line(tmp_path):
     """configs/tiny_image_cond.py: cond["image"] made by the "downsample_image" transform in the
     train step; launch.sample takes it from --cond_image (a low-resolution PNG, or an NPZ)."""
     from PIL import Image
 
     workdir = str(tmp_path / "sr")
     r = _run(["launch.train", "--config", os.path.join(ROOT, "configs", "tiny_image_cond.py"), "--workdir", workdir,
-              "--config.train.num_steps=3"], cli_env)
+              "--config.train.num_steps=3"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(os.path.join(workdir, "samples.png"))
     digits, _ = data_lib.load_digits("test")
@@ -97,25 +91,24 @@ def test_image_conditioned_model_trains_and_samples_through_the_command_line(tmp
     npz = str(tmp_path / "low.npz")
     np.savez(npz, image=np.clip(low, -1, 1))
     for cond_image, out in [(png, tmp_path / "a.npz"), (npz, tmp_path / "b.npz")]:
-        r = _run(["launch.sample", "--workdir", workdir, "--num", "2", "--out", str(out), "--cond_image", cond_image],
-                 cli_env)
+        r = _run(["launch.sample", "--workdir", workdir, "--num", "2", "--out", str(out), "--cond_image", cond_image])
         assert r.returncode == 0, r.stderr[-3000:]
         samples = np.load(out)["samples"]
         assert samples.shape == (2, 8, 8, 1) and np.isfinite(samples).all()
-    r = _run(["launch.sample", "--workdir", workdir, "--num", "2", "--out", str(tmp_path / "c.png")], cli_env)
+    r = _run(["launch.sample", "--workdir", workdir, "--num", "2", "--out", str(tmp_path / "c.png")])
     assert r.returncode != 0 and "--cond_image" in r.stderr
     assert not os.path.exists(tmp_path / "c.png")
 
 
 @pytest.mark.slow  # a tiny training run and four launch.sample processes
-def test_sdedit_and_repaint_from_the_command_line(tmp_path, cli_env):
+def test_sdedit_and_repaint_from_the_command_line(tmp_path):
     """launch.sample --sdedit GUIDE --t0 N and --repaint IMG --mask MASK: PNG in, grid / npz out;
     the known pixels of a RePaint come back exactly; bad t0, mask or image size fail before sampling."""
     from PIL import Image
 
     workdir = str(tmp_path / "tiny")
     r = _run(["launch.train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--workdir", workdir,
-              "--config.train.num_steps=2"], cli_env)
+              "--config.train.num_steps=2"])
     assert r.returncode == 0, r.stderr[-3000:]
     guide = (np.random.default_rng(0).random((8, 8)) * 255).astype(np.uint8)
     Image.fromarray(guide).save(tmp_path / "guide.png")
@@ -124,12 +117,12 @@ def test_sdedit_and_repaint_from_the_command_line(tmp_path, cli_env):
     Image.fromarray(mask).save(tmp_path / "mask.png")
     Image.fromarray(guide[:4, :4]).save(tmp_path / "small.png")
     r = _run(["launch.sample", "--workdir", workdir, "--num", "4", "--sdedit", str(tmp_path / "guide.png"), "--t0", "10",
-              "--out", str(tmp_path / "sd.npz")], cli_env)
+              "--out", str(tmp_path / "sd.npz")])
     assert r.returncode == 0, r.stderr[-3000:]
     assert np.load(tmp_path / "sd.npz")["samples"].shape == (4, 8, 8, 1)
     r = _run(["launch.sample", "--workdir", workdir, "--num", "4", "--repaint", str(tmp_path / "guide.png"), "--mask",
               str(tmp_path / "mask.png"), "--steps", "10", "--jump_length", "3", "--jump_n_sample", "2",
-              "--out", str(tmp_path / "rp.npz")], cli_env)
+              "--out", str(tmp_path / "rp.npz")])
     assert r.returncode == 0, r.stderr[-3000:]
     x = np.load(tmp_path / "rp.npz")["samples"]
     np.testing.assert_array_equal(x[:, :, :4, 0], np.broadcast_to(guide[:, :4].astype(np.float32) / 127.5 - 1.0, (4, 8, 4)))
@@ -141,14 +134,14 @@ def test_sdedit_and_repaint_from_the_command_line(tmp_path, cli_env):
            (["--inpaint", str(tmp_path / "guide.png"), "--sdedit", str(tmp_path / "guide.png")], "at most one")]
     # The refusals in one process, each through launch.sample's app.run (a fresh process each costs its imports).
     results = run_commands("launch.sample", [["--workdir", workdir, "--num", "4", *args, "--out", str(tmp_path / "bad.png")]
-                                             for args, _ in bad], cli_env)
+                                             for args, _ in bad])
     for (args, msg), (returncode, stderr, compiles) in zip(bad, results, strict=True):
         assert returncode != 0 and msg in stderr and compiles == 0, (args, compiles, stderr[-2000:])
     assert not os.path.exists(tmp_path / "bad.png")
 
 
 @pytest.mark.slow  # a tiny training run and three launch.sample processes
-def test_inpainting_model_trains_and_inpaints_through_the_command_line(tmp_path, cli_env):
+def test_inpainting_model_trains_and_inpaints_through_the_command_line(tmp_path):
     """configs/tiny_inpaint.py (data.transform='inpaint', image_channels = C + 1) trains from the command line, and
     launch.sample --inpaint IMG --mask MASK completes the image with its known pixels exact; a
     wrong or missing mask fails before sampling (a plain model: test_sdedit_and_repaint_...)."""
@@ -156,7 +149,7 @@ def test_inpainting_model_trains_and_inpaints_through_the_command_line(tmp_path,
 
     workdir = str(tmp_path / "inpaint")
     r = _run(["launch.train", "--config", os.path.join(ROOT, "configs", "tiny_inpaint.py"), "--workdir", workdir,
-              "--config.train.num_steps=2"], cli_env)
+              "--config.train.num_steps=2"])
     assert r.returncode == 0, r.stderr[-3000:]
     digits, _ = data_lib.load_digits("test")
     image = np.clip((digits[0, ..., 0] + 1) * 127.5, 0, 255).round().astype(np.uint8)
@@ -165,7 +158,7 @@ def test_inpainting_model_trains_and_inpaints_through_the_command_line(tmp_path,
     mask[2:6, 2:6] = 0  # a hole in the middle
     Image.fromarray(mask).save(tmp_path / "mask.png")
     r = _run(["launch.sample", "--workdir", workdir, "--num", "3", "--inpaint", str(tmp_path / "digit.png"), "--mask",
-              str(tmp_path / "mask.png"), "--out", str(tmp_path / "x.npz")], cli_env)
+              str(tmp_path / "mask.png"), "--out", str(tmp_path / "x.npz")])
     assert r.returncode == 0, r.stderr[-3000:]
     x = np.load(tmp_path / "x.npz")["samples"]
     known = np.broadcast_to(mask > 0, (3, 8, 8))
@@ -176,7 +169,7 @@ def test_inpainting_model_trains_and_inpaints_through_the_command_line(tmp_path,
            (["--mask", str(tmp_path / "mask.png"), "--cond_image", str(tmp_path / "digit.png")], "--cond_image")]
     # The refusals in one process, each through launch.sample's app.run (a fresh process each costs its imports).
     results = run_commands("launch.sample", [["--workdir", workdir, "--num", "3", "--inpaint", str(tmp_path / "digit.png"),
-                                              *args, "--out", str(tmp_path / "bad.png")] for args, _ in bad], cli_env)
+                                              *args, "--out", str(tmp_path / "bad.png")] for args, _ in bad])
     for (args, msg), (returncode, stderr, compiles) in zip(bad, results, strict=True):
         assert returncode != 0 and msg in stderr and compiles == 0, (args, compiles, stderr[-2000:])
     assert not os.path.exists(tmp_path / "bad.png")

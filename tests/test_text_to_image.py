@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ from jdiff.train import config as config_lib
 from jdiff.train import network
 from jdiff.train.loop import train_and_evaluate
 
+import forked
 from commands import run_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -280,8 +279,7 @@ def test_clip_guidance_bad_input(text_unet, clip_workdir):
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return forked.popen_module(*args, cwd=cwd)
 
 
 def test_launch_sample_prompt_and_clip_guidance(text_workdir, clip_workdir, tmp_path):

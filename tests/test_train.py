@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from typing import Any
 
@@ -26,6 +25,7 @@ from jdiff.train.state import create_train_state, make_optimizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import tiny  # noqa: E402
+import forked  # noqa: E402
 from commands import run_commands  # noqa: E402
 
 
@@ -259,14 +259,7 @@ def test_a_checkpoint_of_another_state_structure_is_an_error_not_corruption(trai
     assert Checkpointer(workdir).steps() == [3, 6] and not os.path.exists(os.path.join(workdir, "checkpoints.corrupt"))
 
 
-@pytest.fixture(scope="module")
-def cli_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def test_launch_sample_writes_png_and_npz(trained, tmp_path, cli_env):
+def test_launch_sample_writes_png_and_npz(trained, tmp_path):
     """Labels: --label, class-balanced by default, --null_label; stderr shows no INFO logs unless
     --log_dir (which gets them in a file)."""
     workdir, _ = trained
@@ -277,10 +270,7 @@ def test_launch_sample_writes_png_and_npz(trained, tmp_path, cli_env):
     runs = [(npz, ["--label", "3", "--guidance", "1.0"]), (balanced, []), (null, ["--null_label"]),
             (png, ["--log_dir", str(log_dir)])]
     for out, extra in runs:  # 12 samples each (not a multiple of 10): the unguided runs repeat one program
-        r = subprocess.run(
-            [sys.executable, "-m", "launch.sample", "--workdir", workdir, "--num", "12", "--out", out, *extra],
-            cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300,
-        )
+        r = forked.run_module("launch.sample", "--workdir", workdir, "--num", "12", "--out", out, *extra, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         assert not re.search(r"^I\d{4} ", r.stderr, re.M), r.stderr[-2000:]  # no INFO lines by default
         assert "wrote" in r.stdout
@@ -296,7 +286,7 @@ def test_launch_sample_writes_png_and_npz(trained, tmp_path, cli_env):
     assert re.search(r"^I\d{4} ", logs, re.M)  # --log_dir keeps the INFO lines
 
 
-def test_launch_sample_rejects_bad_flags(trained, tmp_path, cli_env):
+def test_launch_sample_rejects_bad_flags(trained, tmp_path):
     """Each bad flag makes launch.sample exit non-zero naming the flag, before writing --out (the
     cases run in one process, each through the command's app.run: run_commands)."""
     workdir, _ = trained
@@ -304,7 +294,7 @@ def test_launch_sample_rejects_bad_flags(trained, tmp_path, cli_env):
              (["--guidance", "nan", "--label", "1"], "--guidance"), (["--null_label", "--label", "1"], "--null_label"),
              (["--cond_image", "x.png"], "--cond_image")]
     results = run_commands("launch.sample", [["--workdir", workdir, "--num", "2", "--out", str(tmp_path / "x.png"), *extra]
-                                             for extra, _ in cases], cli_env)
+                                             for extra, _ in cases])
     for (extra, msg), (returncode, stderr, compiles) in zip(cases, results, strict=True):
         assert returncode != 0 and msg in stderr and compiles == 0, (extra, compiles, stderr[-1000:])
     assert not os.path.exists(tmp_path / "x.png")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -23,10 +21,10 @@ from jdiff.train import config as config_lib
 from jdiff.train.loop import train_and_evaluate
 from jdiff.unclip import StageSettings, text_embeddings, unclip
 from jdiff.workdir import load_for_sampling
+import forked
 from commands import run_commands
 from test_text_to_image import _randomized, _two_step_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 D = 8
 CLIP_TINY = dict(embed_dim=D, text_width=16, text_layers=1, text_heads=2, image_channels_base=8,
                  image_channel_mult=(1, 2), image_res_blocks=1, image_attention_resolutions=(8,))
@@ -189,10 +187,8 @@ def test_launch_sample_unclip(trained, tmp_path):
     clip_dir, module, params, prior_dir, decoder_dir, _ = trained
     out = str(tmp_path / "x.npz")
     prompts = ["a red disc at the top left", "a blue square at the bottom right"]
-    ok = subprocess.Popen([sys.executable, "-m", "launch.sample", "--workdir", decoder_dir, "--prior_workdir", prior_dir,
-                           "--prompt", prompts[0], "--prompt", prompts[1], "--num", "2", "--guidance", "2",
-                           "--prior_guidance", "1", "--out", out], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+    ok = forked.popen_module("launch.sample", "--workdir", decoder_dir, "--prior_workdir", prior_dir, "--prompt", prompts[0],
+                             "--prompt", prompts[1], "--num", "2", "--guidance", "2", "--prior_guidance", "1", "--out", out)
     bad_out = str(tmp_path / "bad.png")
     cases = {
         "prior-as-workdir": (["--workdir", prior_dir, "--prompt", prompts[0]], r"--workdir: this is unCLIP's prior"),
