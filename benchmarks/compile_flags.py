@@ -10,12 +10,16 @@ Settings (``XLA_FLAGS`` of a fresh Python process each, no compilation cache):
   O0         ``--xla_backend_optimization_level=0`` (LLVM's -O0);
   emitters   ``--xla_cpu_use_fusion_emitters=false`` (XLA:CPU's LLVM IR emitters instead of its
              MLIR fusion emitters);
-  O0+emitters both: what ``tests/conftest.py`` sets for the test suite and every process it starts.
+  O0+emitters both;
+  split1     ``--xla_cpu_parallel_codegen_split_count=1`` (LLVM code generation in one piece, on one
+             thread, instead of a module split to compile its parts on several);
+  O0+emitters+split1  all three: what ``tests/conftest.py`` sets for the test suite and every
+             process it starts.
 
 A child builds the network (``benchmarks.common.make_net``), lowers ``jdiff.sample`` (DDIM, 50
 steps) and the jitted train step (``make_train_step``), then times ``.compile()`` in CPU seconds
-(``time.process_time``: all of the process's threads) and the compiled program's run (median of
-5 calls after a warm-up). Every round runs every setting once, in an order rotated from one round
+(``time.process_time``: all of the process's threads; and the train step's in wall seconds) and the
+compiled program's run (median of 5 calls after a warm-up). Every round runs every setting once, in an order rotated from one round
 to the next. Reported: medians, the ratios to ``default``, and the largest difference of the
 sample from ``default``'s (same key and params: float32 rounding only).
 """
@@ -38,6 +42,9 @@ SETTINGS = {
     "O0": "--xla_backend_optimization_level=0",
     "emitters": "--xla_cpu_use_fusion_emitters=false",
     "O0+emitters": "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
+    "split1": "--xla_cpu_parallel_codegen_split_count=1",
+    "O0+emitters+split1": ("--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                           "--xla_cpu_parallel_codegen_split_count=1"),
 }
 
 
@@ -62,9 +69,10 @@ def child(net_name: str, out_npy: str) -> dict:
     out = {}
     for phase, f, args in (("sample", sample, (key,)), ("train", train, (state, batch))):
         lowered = f.lower(*args)
-        c0 = time.process_time()
+        c0, w0 = time.process_time(), time.perf_counter()
         compiled = lowered.compile()
         out[phase + "_compile_cpu_s"] = time.process_time() - c0
+        out[phase + "_compile_wall_s"] = time.perf_counter() - w0
         result = jax.block_until_ready(compiled(*args))
         if phase == "sample":
             np.save(out_npy, np.asarray(result))
@@ -118,11 +126,11 @@ def run(reps: int, nets: list[str]) -> tuple[str, dict]:
                 return common.median([a[k] / b[k] for a, b in zip(results[s], results["default"])])
 
             rows = [[s, med(s, "sample_compile_cpu_s"), ratio(s, "sample_compile_cpu_s"),
-                     med(s, "train_compile_cpu_s"), ratio(s, "train_compile_cpu_s"),
+                     med(s, "train_compile_cpu_s"), ratio(s, "train_compile_cpu_s"), med(s, "train_compile_wall_s"),
                      med(s, "sample_run_s"), ratio(s, "sample_run_s"), 1e3 * med(s, "train_run_s"), ratio(s, "train_run_s"),
                      f"{max(res['sample_max_abs_diff'] for res in results[s]):.1e}"] for s in names]
             sections.append(f"\n\n**{net_name}**, medians over {reps} rounds of fresh processes:\n\n" + common.markdown_table(
-                ["flags", "sample compile CPU s", "x default", "train-step compile CPU s", "x default",
+                ["flags", "sample compile CPU s", "x default", "train-step compile CPU s", "x default", "its wall s",
                  f"DDIM-{STEPS} run s", "x default", "train step ms", "x default", "sample max abs diff from default"],
                 rows))
             raw[net_name] = results

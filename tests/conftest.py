@@ -32,37 +32,53 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # at float32 tolerances either way); the benchmarks, and users, compile with XLA's defaults.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-# And with XLA:CPU's older LLVM IR emitters instead of its MLIR fusion emitters: a compile of the tiny
-# U-Net's train step or sampler takes about half the CPU (benchmarks/compile_flags.py), the programs
-# run about as fast. Same caveat as -O0: float32 rounding moves in the last bits.
-FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+# Two more flags that make compiles cheaper without changing what is computed:
+# * XLA:CPU's older LLVM IR emitters instead of its MLIR fusion emitters: a compile of the tiny U-Net's
+#   train step or sampler takes about half the CPU (benchmarks/compile_flags.py), the programs run
+#   about as fast. Same caveat as -O0: float32 rounding moves in the last bits.
+# * LLVM code generation in one piece: XLA:CPU splits a program's LLVM module to compile the parts on
+#   several threads, which costs CPU (splitting and cloning the module) to save wall time on idle
+#   cores; the suite's cores are busy with its two workers. At -O0 with the emitters above it cuts a
+#   compile's CPU by a tenth to a quarter more (benchmarks/compile_flags.py); rounding moves in the
+#   last bits at most (digits8's params after 3 train steps: 4e-9 apart; its DDIM-50 sample: equal).
+FAST_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
 
 
-def _xla_accepts(flag: str) -> bool:
-    """Whether this jaxlib knows ``flag`` (XLA aborts the process on an unknown flag in XLA_FLAGS):
-    a JAX started with it, in a subprocess (~2 s, once per run: the workers inherit the result)."""
+def _xla_accepts(flags: str) -> bool:
+    """Whether this jaxlib knows ``flags`` (XLA aborts the process on an unknown flag in XLA_FLAGS):
+    a JAX started with them, in a subprocess (~2 s, once per run: the workers inherit the result)."""
     import subprocess
     import sys
 
-    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True)
     return probe.returncode == 0
 
 
-if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "") and _xla_accepts(FAST_COMPILE_FLAG):
-    os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"] + " " + FAST_COMPILE_FLAG
+_missing = [f for f in FAST_COMPILE_FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
+if _missing:
+    if not _xla_accepts(" ".join(_missing)):  # an older or newer jaxlib: the flags it knows
+        _missing = [f for f in _missing if _xla_accepts(f)]
+    os.environ["XLA_FLAGS"] = " ".join([os.environ["XLA_FLAGS"], *_missing])
+
+
+def xla_compile_flags() -> list[str]:
+    """The suite's compile flags in this process's ``XLA_FLAGS``: -O0 and those FAST_COMPILE_FLAGS
+    this jaxlib accepted, for a subprocess that builds its own ``XLA_FLAGS``."""
+    inherited = os.environ.get("XLA_FLAGS", "").split()
+    return ["--xla_backend_optimization_level=0"] + [f for f in inherited if f in FAST_COMPILE_FLAGS]
 
 
 def xla_defaults_env(env: dict | None = None) -> dict:
     """``env`` (default: this process's environment) with the suite's compile flags (-O0 and
-    FAST_COMPILE_FLAG) taken out of ``XLA_FLAGS``, for a subprocess that should compile as users
+    FAST_COMPILE_FLAGS) taken out of ``XLA_FLAGS``, for a subprocess that should compile as users
     do: one whose run time, not its compiles, is most of its cost (thousands of training steps,
     which -O0 makes about 2x slower), or one that checks what a reader sees at XLA's defaults."""
     import re
 
     env = dict(os.environ if env is None else env)
-    flags = re.sub(r"--xla_backend_optimization_level=\S+|" + re.escape(FAST_COMPILE_FLAG), "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = " ".join(flags.split())
+    flags = re.sub(r"--xla_backend_optimization_level=\S+", "", env.get("XLA_FLAGS", "")).split()
+    env["XLA_FLAGS"] = " ".join(f for f in flags if f not in FAST_COMPILE_FLAGS)
     return env
 
 

@@ -10,8 +10,8 @@ Each guide runs in a subprocess of its own (``python tests/test_docs_guides.py G
 * what a guide changes in its process (the samplers extending.md registers, the TFDS mock of
   tfds.md) cannot reach another guide or test;
 * the guides whose time goes into compiling U-Nets (FAST_COMPILE) compile with LLVM's -O0
-  (--xla_backend_optimization_level=0) and XLA:CPU's LLVM IR emitters (conftest.FAST_COMPILE_FLAG),
-  as the rest of the suite does: about a quarter of the compile time. It changes float32
+  (--xla_backend_optimization_level=0) and the suite's other compile flags (conftest.FAST_COMPILE_FLAGS),
+  as the rest of the suite does: about a fifth of the compile time. It changes float32
   rounding a little (up to ~1e-4 after a sampling loop on the mixture), so the guides whose
   assertions are about rounding (extending.md compares samplers to 1e-4, pretrained.md the
   converted network to 1e-4) run with XLA's defaults, as readers do.
@@ -72,16 +72,13 @@ def _runnable() -> list[str]:
 
 
 def _env(guide: str) -> dict:
-    from conftest import FAST_COMPILE_FLAG, xla_defaults_env
+    from conftest import xla_compile_flags, xla_defaults_env
 
-    inherited = os.environ.get("XLA_FLAGS", "")
     env = xla_defaults_env()
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env["XLA_FLAGS"]).split()
     flags.append(f"--xla_force_host_platform_device_count={DEVICES.get(guide, 1)}")
     if guide in FAST_COMPILE:
-        flags.append("--xla_backend_optimization_level=0")
-        if FAST_COMPILE_FLAG in inherited:  # the fusion-emitter flag, where conftest.py found it supported
-            flags.append(FAST_COMPILE_FLAG)
+        flags += xla_compile_flags()
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     return env

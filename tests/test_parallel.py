@@ -220,21 +220,15 @@ def _worker(out):
 # ---------------------------------------------------------------------------
 
 
-def _compile_flags():
-    """-O0, plus the fusion-emitter flag conftest.py added to this process's XLA_FLAGS, if it did."""
-    from conftest import FAST_COMPILE_FLAG
-
-    inherited = os.environ.get("XLA_FLAGS", "").split()
-    return " ".join(["--xla_backend_optimization_level=0"] + [f for f in inherited if f == FAST_COMPILE_FLAG])
-
-
 def _env(devices):
+    from conftest import xla_compile_flags
+
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    # Compiling dominates these runs; LLVM's -O0 halves it, and so do the older fusion emitters
-    # (conftest.FAST_COMPILE_FLAG, kept when this jaxlib has it). Every run compared uses the same
-    # flags, and XLA's own fusion and tiling (which set the float results) are unchanged.
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {_compile_flags()}"
+    # Compiling dominates these runs; LLVM's -O0 halves it, and so do the suite's other compile flags
+    # (conftest.xla_compile_flags). Every run compared uses the same flags, and XLA's own fusion and
+    # tiling (which set the float results) are unchanged.
+    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *xla_compile_flags()])
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
@@ -481,8 +475,10 @@ def test_use_cpu_cores_then_a_plain_sample_splits_its_batch_with_the_same_sample
     whose params the caller committed to device 0 on one; the split samples equal the one-device
     ones to float32 rounding of the network (relative 1e-5: a wrong key or row order moves
     them by O(1)). tests/workers/cpu_cores.py."""
+    from conftest import xla_compile_flags
+
     env = _env(1)
-    env["XLA_FLAGS"] = _compile_flags()  # no device count: use_cpu_cores sets it
+    env["XLA_FLAGS"] = " ".join(xla_compile_flags())  # no device count: use_cpu_cores sets it
     out = tmp_path / "cpu_cores.json"
     subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "cpu_cores.py"), str(out)], cwd=ROOT,
                    env=env, check=True, timeout=TIMEOUT)
