@@ -172,6 +172,27 @@ def test_bad_split_and_resolution():
         data.get_dataset({"name": "fashion_mnist_sample", "resolution": 32})
 
 
+def test_image_shape_of_reads_no_files(tmp_path, monkeypatch):
+    """A Fashion-MNIST config's image shape follows from its split and resolution, checked as the
+    loader checks them: sampling a workdir trained on it reads none of the 60,000 images (a load
+    at resolution 14 cost ~3 s of every launch.sample and launch.train), and needs none."""
+    want = {r: data.get_dataset({"name": "fashion_mnist_sample", "resolution": r}).image_shape for r in (None, 14, 12)}
+
+    def refused(*args, **kwargs):
+        raise AssertionError("image_shape_of read Fashion-MNIST")
+
+    monkeypatch.setattr(fm, "load_fashion_mnist_uint8", refused)
+    monkeypatch.setattr(fm, "load_fashion_mnist_sample", refused)
+    for r, shape in want.items():
+        for name in ("fashion_mnist", "fashion_mnist_sample"):
+            assert data.image_shape_of({"name": name, "resolution": r}) == tuple(shape) == ((r or 28), (r or 28), 1)
+    assert data.image_shape_of({"name": "fashion_mnist", "data_dir": str(tmp_path), "split": "test"}) == (28, 28, 1)
+    with pytest.raises(ValueError, match=r"split: expected one of \('train', 'test'\)"):
+        data.image_shape_of({"name": "fashion_mnist", "split": "validation"})
+    with pytest.raises(ValueError, match=r"resolution: expected None \(28\) or an int in \[1, 28\]"):
+        data.image_shape_of({"name": "fashion_mnist_sample", "resolution": 32})
+
+
 # ----------------------------------------------------------------------------- area downsampling
 
 

@@ -189,13 +189,19 @@ def image_shape_of(config: Any) -> tuple[int, int, int]:
     CLIP prior's embeddings are ``(1, 1, D)`` and latents ``(H/f, W/f, c)``, both read off the CLIP
     or autoencoder directory's JSON. So sampling a ControlNet, unCLIP or latent workdir does not
     compute edges, embeddings or latents of its whole training set, and JAX is not touched (a
-    launch command reads the shape before it configures devices)."""
+    launch command reads the shape before it configures devices). Fashion-MNIST's shape follows
+    from ``split`` and ``resolution`` (checked as :func:`get_dataset` checks them): its files are
+    not read, so a workdir trained on it samples where they are absent."""
     if not hasattr(config, "get"):
         raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
     shape = tuple(config.get("image_shape", ()) or ())
     if not shape:
         _, clip_role, autoencoder = _derived(config)
-        shape = tuple(_get_dataset(config, None).image_shape)
+        name = config.get("name", None)
+        if name in ("fashion_mnist", "fashion_mnist_sample"):  # known without reading 60,000 images
+            shape = _fashion_mnist_shape(name, config.get("split", "train"), config.get("resolution", None))
+        else:
+            shape = tuple(_get_dataset(config, None).image_shape)
         if clip_role == "prior":
             from jdiff.models.text import CLIP
             from jdiff.train.clip import CLIP_PREFIX
@@ -245,6 +251,15 @@ def _load_arrays(path: Any) -> tuple[dict, int | None]:
     return source, num_classes
 
 
+def _fashion_mnist_shape(name: str, split: Any, resolution: Any) -> tuple[int, int, int]:
+    """(R, R, 1) of Fashion-MNIST at ``resolution``, after the checks :func:`get_dataset` makes."""
+    if split not in fashion_mnist_lib.FASHION_MNIST_FILES:
+        raise ValueError(f"split: expected one of {tuple(fashion_mnist_lib.FASHION_MNIST_FILES)} for {name}, got {split!r}")
+    fashion_mnist_lib._check_resolution(resolution)  # the same message as the loader's
+    side = fashion_mnist_lib.FASHION_MNIST_SHAPE[0] if resolution is None else int(resolution)
+    return (side, side, 1)
+
+
 def _get_dataset(config: Any, split: str | None) -> Dataset:
     if not hasattr(config, "get"):
         raise ValueError(f"config: expected the data section as a dict or ConfigDict, got {type(config).__name__}")
@@ -270,8 +285,7 @@ def _get_dataset(config: Any, split: str | None) -> Dataset:
         return Dataset(source, digits_lib.DIGITS_SHAPE, digits_lib.DIGITS_NUM_CLASSES, name, split)
 
     if name in ("fashion_mnist", "fashion_mnist_sample"):
-        if split not in fashion_mnist_lib.FASHION_MNIST_FILES:
-            raise ValueError(f"split: expected one of {tuple(fashion_mnist_lib.FASHION_MNIST_FILES)} for {name}, got {split!r}")
+        _fashion_mnist_shape(name, split, resolution)
         if name == "fashion_mnist":
             images, labels = fashion_mnist_lib.load_fashion_mnist(split, get("data_dir", None), resolution)
         else:
