@@ -4,9 +4,10 @@ Every ```python block of a guide runs, in order, in one fresh namespace per guid
 tests/test_readme.py); the blocks assert what the guide claims. Blocks fenced ```py are shown but
 not run (commands that need files or hardware the tests do not have).
 
-Each guide runs in a subprocess of its own (``python tests/test_docs_guides.py GUIDE``), so that
+Each guide runs in a process of its own (a child of tests/forked.py's fork server, which has JAX
+and jdiff imported but no backend started: ``run_guide_in_child``), so that
 * scale_out.md gets its 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set
-  before JAX starts, and this process's JAX has one CPU device;
+  before JAX starts its backend, and this process's JAX has one CPU device;
 * what a guide changes in its process (the samplers extending.md registers, the TFDS mock of
   tfds.md) cannot reach another guide or test;
 * the guides whose time goes into compiling U-Nets (FAST_COMPILE) compile with LLVM's -O0
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -71,17 +71,27 @@ def _runnable() -> list[str]:
     return [name for name in _guides() if python_blocks(os.path.join(GUIDES, name))]
 
 
-def _env(guide: str) -> dict:
+def _xla_flags(guide: str) -> str:
     from conftest import xla_compile_flags, xla_defaults_env
 
-    env = xla_defaults_env()
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env["XLA_FLAGS"]).split()
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", xla_defaults_env()["XLA_FLAGS"]).split()
     flags.append(f"--xla_force_host_platform_device_count={DEVICES.get(guide, 1)}")
     if guide in FAST_COMPILE:
         flags += xla_compile_flags()
-    env["XLA_FLAGS"] = " ".join(flags)
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    return " ".join(flags)
+
+
+def run_guide_in_child(path: str, xla_flags: str, cwd: str) -> None:
+    """:func:`run_guide` in a child of tests/forked.py's fork server, whose JAX has imported but
+    not started a backend: XLA reads ``XLA_FLAGS`` when the backend starts, so the guide's flags
+    (its device count among them) set here are the ones it runs with."""
+    os.environ["XLA_FLAGS"] = xla_flags
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    os.chdir(cwd)
+    run_guide(path)
 
 
 def test_the_guides_exist():
@@ -96,11 +106,18 @@ def test_guide_snippets_run(guide, tmp_path):
         from conftest import require_modules
 
         require_modules(*REQUIRES[guide])
+    import forked
+
     # cwd: whatever a snippet writes by a relative path stays out of the checkout
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), os.path.join(GUIDES, guide)], cwd=tmp_path,
-                          env=_env(guide), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"docs/guides/{guide} failed (exit {proc.returncode}):\n{proc.stdout[-12000:]}"
+    out, err = str(tmp_path / "stdout.txt"), str(tmp_path / "stderr.txt")
+    proc = forked.start_function("test_docs_guides", "run_guide_in_child",
+                                 (os.path.join(GUIDES, guide), _xla_flags(guide), str(tmp_path)), out, err)
+    proc.join(TIMEOUT)
+    if proc.exitcode is None:
+        proc.kill()
+    output = open(out).read() + open(err).read()
+    assert proc.exitcode == 0, f"docs/guides/{guide} failed (exit {proc.exitcode}):\n{output[-12000:]}"
 
 
-if __name__ == "__main__":  # one guide, in the subprocess a lane starts
+if __name__ == "__main__":  # one guide: python tests/test_docs_guides.py docs/guides/GUIDE.md
     run_guide(sys.argv[1])
