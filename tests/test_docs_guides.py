@@ -115,7 +115,8 @@ def test_guide_snippets_run(guide, tmp_path):
     proc.join(TIMEOUT)
     if proc.exitcode is None:
         proc.kill()
-    output = open(out).read() + open(err).read()
+    with open(out) as o, open(err) as e:
+        output = o.read() + e.read()
     assert proc.exitcode == 0, f"docs/guides/{guide} failed (exit {proc.exitcode}):\n{output[-12000:]}"
 
 
