@@ -32,9 +32,7 @@ import ast
 import importlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import types
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -52,10 +50,10 @@ def main_block(module: types.ModuleType) -> types.CodeType:
     return compile(ast.Module(blocks[0], type_ignores=[]), module.__file__, "exec")
 
 
-def run_cases(module_name: str, argvs: list[list[str]], result: str) -> None:
+def run_cases(module_name: str, argvs: list[list[str]]) -> None:
     """Runs the cases of one module, in turn, in this process (as the module docstring says), and
-    writes the JSON list of [exit code, stderr, XLA compiles] of each to the file ``result``.
-    Called in a child of tests/forked.py's fork server by :func:`start_commands`."""
+    prints the JSON list of [exit code, stderr, XLA compiles] of each as its last line. Called in a
+    child of tests/forked.py's fork server by :func:`start_commands`."""
     import contextlib
     import io
     import traceback
@@ -90,49 +88,24 @@ def run_cases(module_name: str, argvs: list[list[str]], result: str) -> None:
                 traceback.print_exc()
                 code = 1
         results.append([code, err.getvalue(), compiles[0] - before])
-    with open(result, "w") as f:
-        json.dump(results, f)
+    print(json.dumps(results))
 
 
-class Started:
-    """The process :func:`start_commands` started, and the files it writes."""
-
-    def __init__(self, module: str, argvs: list[list[str]]):
-        import forked
-
-        self.dir = tempfile.mkdtemp(prefix="jdiff-commands-")
-        self.result, self.stderr = os.path.join(self.dir, "result.json"), os.path.join(self.dir, "stderr")
-        self.proc = forked.start_function("commands", "run_cases", (module, argvs, self.result),
-                                          os.path.join(self.dir, "stdout"), self.stderr)
-
-    def poll(self) -> int | None:
-        return self.proc.exitcode
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.join()
-
-
-def start_commands(module: str, argvs: list[list[str]]) -> Started:
+def start_commands(module: str, argvs: list[list[str]]):
     """A process that runs ``python -m module *args`` for every ``args`` in ``argvs``, in turn
     (see the module docstring), in the repository root; collect it with :func:`finish_commands`.
-    It is a child of tests/forked.py's fork server: it imports the command, not JAX."""
-    return Started(module, argvs)
+    It is a child of tests/forked.py's fork server (a ``forked.Popen``): it imports the command,
+    not JAX."""
+    import forked
+
+    return forked.popen_function("commands", "run_cases", module, argvs)
 
 
-def finish_commands(started: Started, timeout: float = 300) -> list[tuple[int, str, int]]:
+def finish_commands(proc, timeout: float = 300) -> list[tuple[int, str, int]]:
     """[(exit code, stderr, XLA compiles)] of each case of :func:`start_commands`, in order."""
-    try:
-        started.proc.join(timeout)
-        if started.proc.exitcode is None:
-            started.kill()
-            raise TimeoutError(f"{started.proc}: the cases did not finish within {timeout} s")
-        with open(started.stderr) as f:
-            assert started.proc.exitcode == 0 and os.path.exists(started.result), f.read()[-3000:]
-        with open(started.result) as f:
-            return [tuple(r) for r in json.load(f)]
-    finally:
-        shutil.rmtree(started.dir, ignore_errors=True)
+    out, err = proc.communicate(timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return [tuple(r) for r in json.loads(out.strip().splitlines()[-1])]
 
 
 def run_commands(module: str, argvs: list[list[str]], timeout: float = 300) -> list[tuple[int, str, int]]:

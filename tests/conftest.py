@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # at float32 tolerances either way); the benchmarks, and users, compile with XLA's defaults.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-# Two more flags that make compiles cheaper without changing what is computed:
+# Two more flags that make compiles cheaper without changing the methods (only rounding, as -O0):
 # * XLA:CPU's older LLVM IR emitters instead of its MLIR fusion emitters: a compile of the tiny U-Net's
 #   train step or sampler takes about half the CPU (benchmarks/compile_flags.py), the programs run
 #   about as fast. Same caveat as -O0: float32 rounding moves in the last bits.

@@ -11,12 +11,13 @@ other). Each child is a process of its own, forked from that clean state: it imp
 initialises its own JAX backend and orbax threads, and a SIGKILL kills it alone, as it would a
 fresh ``python``.
 
-:func:`start_command` runs a module as ``python -m MODULE ARGS`` would after its imports:
+:func:`popen_module` runs a module as ``python -m MODULE ARGS`` would after its imports:
 ``sys.argv = [module file, *ARGS]``, then the module's ``if __name__ == "__main__":`` block (its
 ``app.run(main, ...)``), in the given working directory, then the interpreter's exit handlers
-(``atexit``), with stdout and stderr written to files. :func:`popen_module` and
-:func:`run_module` wrap it the way ``subprocess.Popen`` and ``subprocess.run`` do, for the tests
-that check a command's outputs. :func:`start_function` runs a function of a preloaded module. The
+(``atexit``). It returns a :class:`Popen`, which is waited for, signalled and read as a
+``subprocess.Popen`` is (stdout and stderr go to files); :func:`run_module` is ``subprocess.run``.
+:func:`popen_function` runs a function of a module (a worker, or code that sets ``XLA_FLAGS``
+before its backend starts) the same way. The
 server inherits this process's environment and ``sys.path`` (the repository first, as
 ``python -m`` run from it has) when it starts; a test that needs another environment starts a
 ``subprocess`` instead.
@@ -33,7 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Imported by the fork server before it forks anything (tests/workers is on sys.path below): what
@@ -50,11 +52,6 @@ def _context():
     return ctx
 
 
-def _touch(*paths: str) -> None:
-    for path in paths:  # empty, so that they can be read before the child writes
-        open(path, "w").close()
-
-
 def _redirect(stdout: str, stderr: str) -> None:
     for fd, path in ((1, stdout), (2, stderr)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -62,7 +59,7 @@ def _redirect(stdout: str, stderr: str) -> None:
         os.close(f)
 
 
-def _run_main_block(module_name: str, args: list[str], stdout: str, stderr: str, cwd: str) -> None:
+def _run_main_block(module_name: str, args: list[str], cwd: str, stdout: str, stderr: str) -> None:
     from commands import main_block
 
     _redirect(stdout, stderr)
@@ -81,49 +78,56 @@ def _run_function(module_name: str, function: str, args: tuple, stdout: str, std
     getattr(importlib.import_module(module_name), function)(*args)
 
 
-def start_command(module: str, args: Sequence[str], stdout: str, stderr: str, cwd: str = ROOT) -> multiprocessing.Process:
-    """``python -m module *args`` run in ``cwd``, as a forked child (see the module docstring); its
-    stdout and stderr go to the files ``stdout`` and ``stderr``. ``.exitcode`` after ``.join()`` is
-    the command's exit code (minus the signal number if a signal ended it)."""
-    _touch(stdout, stderr)
-    proc = _context().Process(target=_run_main_block, args=(module, list(args), stdout, stderr, os.fspath(cwd)))
-    proc.start()
-    return proc
-
-
 class Popen:
-    """A command started by :func:`popen_module`, waited for as a ``subprocess.Popen`` is."""
+    """A forked child, waited for and signalled as a ``subprocess.Popen`` is. Its stdout and
+    stderr go to files (``stdout_path``, ``stderr_path``: empty until it writes, so they can be
+    read while it runs), removed with this object."""
 
-    def __init__(self, module: str, args: Sequence[str], cwd: str):
-        self.args = ["python", "-m", module, *args]
-        self._dir = tempfile.mkdtemp(prefix="jdiff-forked-")
-        self._out, self._err = os.path.join(self._dir, "stdout"), os.path.join(self._dir, "stderr")
-        self._proc = start_command(module, args, self._out, self._err, cwd)
+    def __init__(self, target, args: tuple, describe: list[str]):
+        self.args = describe
+        directory = tempfile.mkdtemp(prefix="jdiff-forked-")
+        weakref.finalize(self, shutil.rmtree, directory, True)
+        self.stdout_path, self.stderr_path = os.path.join(directory, "stdout"), os.path.join(directory, "stderr")
+        for path in (self.stdout_path, self.stderr_path):
+            open(path, "w").close()
+        self._proc = _context().Process(target=target, args=(*args, self.stdout_path, self.stderr_path))
+        self._proc.start()
+        self.pid = self._proc.pid
         self.returncode: int | None = None
 
-    def wait(self, timeout: float | None = None) -> int:
-        self._proc.join(timeout)
-        if self._proc.exitcode is None:
-            self._proc.kill()
-            self._proc.join()
-            raise subprocess.TimeoutExpired(self.args, timeout)
+    def poll(self) -> int | None:
+        """The exit code (minus the signal number if a signal ended it), or None while it runs."""
         self.returncode = self._proc.exitcode
         return self.returncode
 
+    def wait(self, timeout: float | None = None) -> int:
+        """Waits; past ``timeout`` seconds it kills the child and raises ``subprocess.TimeoutExpired``."""
+        self._proc.join(timeout)
+        if self.poll() is None:
+            self.kill()
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self._proc.kill()
+        self._proc.join()
+        self.poll()
+
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Waits, then returns (stdout, stderr) as text."""
-        try:
-            self.wait(timeout)
-            with open(self._out) as out, open(self._err) as err:
-                return out.read(), err.read()
-        finally:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        self.wait(timeout)
+        with open(self.stdout_path) as out, open(self.stderr_path) as err:
+            return out.read(), err.read()
 
 
 def popen_module(module: str, *args: str, cwd: str = ROOT) -> Popen:
     """``subprocess.Popen([python, "-m", module, *args], cwd=cwd, stdout=PIPE, stderr=PIPE,
-    text=True)``, as a child of the fork server."""
-    return Popen(module, [os.fspath(a) for a in args], cwd)
+    text=True)``, as a child of the fork server (see the module docstring)."""
+    args = [os.fspath(a) for a in args]
+    return Popen(_run_main_block, (module, args, os.fspath(cwd)), ["python", "-m", module, *args])
 
 
 def run_module(module: str, *args: str, cwd: str = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -134,23 +138,19 @@ def run_module(module: str, *args: str, cwd: str = ROOT, timeout: float = 600) -
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def start_function(module: str, function: str, args: tuple, stdout: str, stderr: str) -> multiprocessing.Process:
-    """``module.function(*args)`` in a forked child run in the repository root, its stdout and
-    stderr in files."""
-    _touch(stdout, stderr)
-    proc = _context().Process(target=_run_function, args=(module, function, tuple(args), stdout, stderr))
-    proc.start()
-    return proc
+def popen_function(module: str, function: str, *args) -> Popen:
+    """``module.function(*args)`` as a child of the fork server, run in the repository root."""
+    return Popen(_run_function, (module, function, args), [f"{module}.{function}"])
 
 
-def follow(path: str, proc: multiprocessing.Process, timeout: float = 300) -> Iterator[str]:
-    """The complete lines written to ``path``, as they appear, until ``proc`` has exited and
+def follow(proc: Popen, timeout: float = 300) -> Iterator[str]:
+    """The complete lines ``proc`` writes to its stdout, as they appear, until it has exited and
     every line is read (or ``timeout`` seconds pass)."""
     deadline = time.time() + timeout
     pos, pending = 0, ""
     while time.time() < deadline:
-        alive = proc.is_alive()
-        with open(path) as f:
+        alive = proc.poll() is None
+        with open(proc.stdout_path) as f:
             f.seek(pos)
             chunk = f.read()
             pos = f.tell()
@@ -161,4 +161,4 @@ def follow(path: str, proc: multiprocessing.Process, timeout: float = 300) -> It
             return
         if not chunk:
             time.sleep(0.002)
-    raise TimeoutError(f"{path}: the process did not finish within {timeout} s")
+    raise TimeoutError(f"{proc.args}: the process did not finish within {timeout} s")

@@ -109,15 +109,10 @@ def test_guide_snippets_run(guide, tmp_path):
     import forked
 
     # cwd: whatever a snippet writes by a relative path stays out of the checkout
-    out, err = str(tmp_path / "stdout.txt"), str(tmp_path / "stderr.txt")
-    proc = forked.start_function("test_docs_guides", "run_guide_in_child",
-                                 (os.path.join(GUIDES, guide), _xla_flags(guide), str(tmp_path)), out, err)
-    proc.join(TIMEOUT)
-    if proc.exitcode is None:
-        proc.kill()
-    with open(out) as o, open(err) as e:
-        output = o.read() + e.read()
-    assert proc.exitcode == 0, f"docs/guides/{guide} failed (exit {proc.exitcode}):\n{output[-12000:]}"
+    proc = forked.popen_function("test_docs_guides", "run_guide_in_child", os.path.join(GUIDES, guide),
+                                 _xla_flags(guide), str(tmp_path))
+    out, err = proc.communicate(TIMEOUT)
+    assert proc.returncode == 0, f"docs/guides/{guide} failed (exit {proc.returncode}):\n{(out + err)[-12000:]}"
 
 
 if __name__ == "__main__":  # one guide: python tests/test_docs_guides.py docs/guides/GUIDE.md

@@ -437,11 +437,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["write-format-checkpoint"]:
 # --------------------------------------------------------------------------- kills (slow)
 
 
-def _read(path):
-    with open(path) as f:
-        return f.read()
-
-
 @pytest.mark.slow
 def test_sigkill_during_saves_20_times_leaves_only_finished_steps(tmp_path):
     """20 times: SIGKILL the saving process at a random moment during a save (0-400 ms after it
@@ -458,19 +453,18 @@ def test_sigkill_during_saves_20_times_leaves_only_finished_steps(tmp_path):
     rng = random.Random(0)
     outcomes = []
     for trial in range(20):
-        out, err = str(tmp_path / f"out{trial}"), str(tmp_path / f"err{trial}")
-        proc = forked.start_function("save_forever", "main", (workdir,), out, err)
+        proc = forked.popen_function("save_forever", "main", workdir)
         target_saves = rng.randint(1, 3)
-        for line in forked.follow(out, proc):
+        for line in forked.follow(proc):
             kind, step = line.split()
             if kind == "saving" and int(step) - (outcomes[-1]["resumed"] if outcomes else 0) >= target_saves:
                 time.sleep(rng.uniform(0.0, 0.4))
-                os.kill(proc.pid, signal.SIGKILL)
+                proc.send_signal(signal.SIGKILL)
                 break
-        proc.join(timeout=60)
-        assert proc.exitcode == -signal.SIGKILL, (trial, proc.exitcode, _read(err)[-2000:])
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, (trial, proc.returncode, err[-2000:])
         finished, saving = None, None
-        for line in _read(out).splitlines():  # all it printed before dying (it may have got further than read)
+        for line in out.splitlines():  # all it printed before dying (it may have got further than read)
             kind, step = line.split()
             if kind in ("resumed", "saved"):
                 finished = int(step)
@@ -498,18 +492,11 @@ def test_sigkill_at_5_random_moments_then_resume_is_bit_identical(tmp_path):
 
     args = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--config.train.num_steps=40",
             "--config.train.checkpoint_every=5", "--config.train.log_every=1", "--config.sample.num=4"]
-    logs = iter(range(1000))
-
-    def start(wd):
-        i = next(logs)
-        out, err = str(tmp_path / f"out{i}"), str(tmp_path / f"err{i}")
-        return forked.start_command("launch.train", [*args, "--workdir", wd], out, err), out, err
+    start = lambda wd: forked.popen_module("launch.train", *args, "--workdir", wd)  # noqa: E731
 
     def run(wd):
-        proc, out, err = start(wd)
-        proc.join(timeout=600)
-        assert proc.exitcode == 0, (proc.exitcode, _read(err)[-2000:])
-        return _read(out)
+        r = forked.run_module("launch.train", *args, "--workdir", wd)
+        assert r.returncode == 0, r.stderr[-2000:]
 
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     run(full)
@@ -524,11 +511,11 @@ def test_sigkill_at_5_random_moments_then_resume_is_bit_identical(tmp_path):
     rng = random.Random(1)
     kills = []
     for trial in range(5):
-        proc, _, err = start(killed)
+        proc = start(killed)
         start_losses = logged(killed)
         wait_for = rng.randint(1, 6)
         deadline = time.time() + 300
-        while time.time() < deadline and proc.is_alive():
+        while time.time() < deadline and proc.poll() is None:
             if trial == 2 and saving(killed):  # during a save
                 break
             if trial != 2 and logged(killed) - start_losses >= wait_for:
@@ -536,9 +523,9 @@ def test_sigkill_at_5_random_moments_then_resume_is_bit_identical(tmp_path):
                 break
             time.sleep(0.002)
         during_save = bool(saving(killed))
-        assert proc.is_alive(), (trial, proc.exitcode, _read(err)[-2000:])  # killed, not finished or crashed
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
+        assert proc.poll() is None, (trial, proc.returncode, proc.communicate()[1][-2000:])  # killed, not ended
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         kills.append({"after_losses": logged(killed), "during_save": during_save,
                       "steps": Checkpointer(killed).steps()})
     assert any(k["during_save"] for k in kills), kills
@@ -553,14 +540,13 @@ def test_sigkill_at_5_random_moments_then_resume_is_bit_identical(tmp_path):
     assert sorted(losses_by_step(full)) == list(range(1, 41))
 
     termed = str(tmp_path / "termed")
-    proc, out, err = start(termed)
+    proc = start(termed)
     deadline = time.time() + 300
     while logged(termed) < 12 and time.time() < deadline:
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.join(timeout=300)
-    assert proc.exitcode == 0, (proc.exitcode, _read(err)[-2000:])
-    out = _read(out)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
     stopped = json.loads(out[out.index("{"):])
     assert stopped["preempted"] and 12 <= stopped["step"] < 40, stopped
     assert Checkpointer(termed).steps()[-1] == stopped["step"]  # saved where it stopped, not at a multiple of 5
