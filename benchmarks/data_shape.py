@@ -15,7 +15,8 @@ in one run, per data section:
   image_shape_of  ``image_shape_of(data)``: what they do now.
 
 The sections: ControlNet Canny edges on Fashion-MNIST's 60,000 training images (the Debian
-files; the 300-image sample when they are missing, which the table says), a latent model on
+files; the 300-image sample when they are missing, which the table says), the plain images
+area-downsampled to 14x14 (whose shape ``image_shape_of`` now takes from the config), a latent model on
 4,000 captioned scenes at 16x16 (an untrained tiny autoencoder: its weights do not change the
 cost), and an unCLIP prior on the same scenes (an untrained tiny CLIP). Both paths must give
 the same shape; the script stops if they do not.
@@ -56,6 +57,7 @@ def _sections(root: str) -> dict[str, dict]:
                             ids > 0)["params"]
     clip_lib.save_clip(f"{root}/clip", clip, clip_params, resolution=16, noised=False)
     return {f"ControlNet canny, {fm['name']}": fm,
+            f"{fm['name']} at 14x14 (the cascade's base)": {"name": fm["name"], "resolution": 14},
             "latent, captioned_shapes 4,000 at 16x16": {**SCENES, "autoencoder": f"{root}/ae"},
             "unCLIP prior, captioned_shapes 4,000 at 16x16": {**SCENES, "clip_workdir": f"{root}/clip",
                                                                "clip_embeddings": "prior"}}
